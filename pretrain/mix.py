@@ -1,0 +1,328 @@
+"""Batch augmentations that mix images and labels: Cutout, Mixup, CutMix and SaliencyMix.
+
+Every mixer is a callable with one convention, ``images, targets = mixer(images, labels)``:
+``images`` is ``B x C x H x W`` (float or uint8, any device), ``labels`` are class ids ``(B,)``
+or soft targets ``(B, K)``, and ``targets`` come back as ``(B, K)`` float rows summing to 1.
+Mixers see the normalised training tensors; those that need pixel values (SaliencyMix) take
+the normalisation ``mean`` and ``std``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pretrain.saliency import BACKENDS, METHODS, compute_saliency, saliency_peaks
+
+STRATEGIES = ("sal2corr", "sal2sal", "sal2nonsal", "nonsal2sal", "nonsal2nonsal", "center2center")
+BOX_MODES = ("batch", "sample")
+SALIENCY_INPUTS = ("pixels", "input")
+
+
+# ------------------------------------------------------------------------- plain tensor helpers
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0,
+                    batch_size: int | None = None) -> torch.Tensor:
+    """``(B, K)`` float targets from class ids or soft rows, smoothed towards uniform."""
+    if labels.dim() == 1:
+        if labels.is_floating_point():
+            raise ValueError(f"class-id labels must be integers, got dtype {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ValueError(f"label {bad} is out of range for num_classes={num_classes}")
+        targets = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+        targets.scatter_(1, labels.long().unsqueeze(1), 1.0)
+    elif labels.dim() == 2:
+        if labels.shape[1] != num_classes:
+            raise ValueError(f"soft labels have {labels.shape[1]} columns but num_classes={num_classes}")
+        targets = labels.float()
+    else:
+        raise ValueError(f"labels must be (B,) class ids or (B, K) soft targets, got shape {tuple(labels.shape)}")
+    if batch_size is not None and targets.shape[0] != batch_size:
+        raise ValueError(f"{targets.shape[0]} labels for a batch of {batch_size} images")
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+    return targets
+
+
+def mix_targets(targets: torch.Tensor, permutation: torch.Tensor, lam) -> torch.Tensor:
+    """``lam * y + (1 - lam) * y[permutation]``; ``lam`` a float or one value per sample."""
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(targets.device, targets.dtype).unsqueeze(1)
+    return targets * lam + targets[permutation] * (1 - lam)
+
+
+def centred_boxes(centres: torch.Tensor, size: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 4)`` boxes ``(top, left, bottom, right)`` of ``size = (h, w)`` centred on
+    ``centres`` (row, column), clipped to the image as CutMix and SaliencyMix clip them."""
+    half = size // 2
+    top_left = centres - half
+    bottom_right = centres + half
+    limits = torch.tensor([height, width], device=centres.device)
+    top_left = torch.minimum(top_left.clamp_min(0), limits)
+    bottom_right = torch.minimum(bottom_right.clamp_min(0), limits)
+    return torch.cat([top_left, bottom_right], dim=1)
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 1, H, W)`` boolean masks of ``(top, left, bottom, right)`` boxes."""
+    rows = torch.arange(height, device=boxes.device).view(1, height, 1)
+    cols = torch.arange(width, device=boxes.device).view(1, 1, width)
+    top, left, bottom, right = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    return inside.unsqueeze(1)
+
+
+def box_area_ratio(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float() / (height * width)
+
+
+def paste_boxes(target: torch.Tensor, source: torch.Tensor, source_boxes: torch.Tensor,
+                target_boxes: torch.Tensor) -> torch.Tensor:
+    """Copy ``source[b]`` inside ``source_boxes[b]`` onto ``target[b]`` at ``target_boxes[b]``
+    (boxes of equal size per sample), for all samples at once; returns a new tensor."""
+    batch, channels, height, width = target.shape
+    inside = box_masks(target_boxes, height, width)
+    shift = (source_boxes[:, :2] - target_boxes[:, :2]).view(batch, 2, 1, 1)
+    rows = torch.arange(height, device=target.device).view(1, height, 1) + shift[:, 0]
+    cols = torch.arange(width, device=target.device).view(1, 1, width) + shift[:, 1]
+    index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).view(batch, 1, -1)
+    moved = source.flatten(2).gather(2, index.expand(batch, channels, -1)).view_as(target)
+    return torch.where(inside, moved, target)
+
+
+# ------------------------------------------------------------------------------- the mixers
+
+class BatchMixer:
+    """Shared arguments, checks and randomness of the mixers; subclasses implement ``mix``."""
+
+    def __init__(self, num_classes: int, prob: float = 1.0, alpha: float = 1.0,
+                 label_smoothing: float = 0.0, generator: torch.Generator | None = None,
+                 inplace: bool = False):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must lie in [0, 1], got {prob!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha (the Beta parameter) must be > 0, got {alpha!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+        self.num_classes = num_classes
+        self.prob = prob
+        self.alpha = alpha
+        self.label_smoothing = label_smoothing
+        self.generator = generator
+        self.inplace = inplace
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dim() != 4:
+            raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
+        targets = one_hot_targets(labels.to(images.device), self.num_classes,
+                                  self.label_smoothing, batch_size=images.shape[0])
+        if self.prob < 1.0 and not self._uniform() < self.prob:
+            return images, targets
+        return self.mix(images if self.inplace else images.clone(), targets)
+
+    def mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # Randomness comes from ``generator`` (or torch's global generator) so that a seed fixes
+    # every draw, and stays on the CPU so that no draw waits for the GPU.
+    def _uniform(self, *size: int) -> torch.Tensor | float:
+        values = torch.rand(size or (1,), generator=self.generator)
+        return values if size else float(values)
+
+    def _permutation(self, batch: int, device) -> torch.Tensor:
+        return torch.randperm(batch, generator=self.generator).to(device)
+
+    def _beta(self) -> float:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
+        return float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
+
+
+class NoMix(BatchMixer):
+    """The baseline: images untouched (never copied), labels as (smoothed) one-hot targets."""
+
+    def __call__(self, images, labels):
+        if images.dim() != 4:
+            raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
+        return images, one_hot_targets(labels.to(images.device), self.num_classes,
+                                       self.label_smoothing, batch_size=images.shape[0])
+
+
+class Cutout(BatchMixer):
+    """DeVries & Taylor 2017: zero a square of side ``size`` x the shorter side at a uniformly
+    random centre per image (clipped at the border); labels unchanged."""
+
+    def __init__(self, num_classes: int, size: float = 0.5, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        if not 0.0 < size <= 1.0:
+            raise ValueError(f"cutout size must lie in (0, 1] of the shorter side, got {size!r}")
+        self.size = size
+
+    def mix(self, images, targets):
+        batch, _, height, width = images.shape
+        side = max(1, int(round(self.size * min(height, width))))
+        centres = (self._uniform(batch, 2) * torch.tensor([height, width])).long().to(images.device)
+        cut = torch.full((batch, 2), side, device=images.device)
+        boxes = centred_boxes(centres, cut, height, width)
+        images.masked_fill_(box_masks(boxes, height, width), 0)
+        return images, targets
+
+
+class Mixup(BatchMixer):
+    """Zhang et al. 2018: a convex blend of two images, ``lam ~ Beta(alpha, alpha)``."""
+
+    def mix(self, images, targets):
+        lam = self._beta()
+        permutation = self._permutation(images.shape[0], images.device)
+        if images.is_floating_point():
+            blended = images.mul(lam).add_(images[permutation], alpha=1 - lam)
+        else:
+            blended = (images.float() * lam + images[permutation].float() * (1 - lam)).round_()
+        images.copy_(blended)
+        return images, mix_targets(targets, permutation, lam)
+
+
+class CutMix(BatchMixer):
+    """Yun et al. 2019: paste a random box (side ``sqrt(1 - lam)``, centre uniform, one box for
+    the batch) from a permuted image; ``lam`` recomputed from the clipped area."""
+
+    def mix(self, images, targets):
+        batch, _, height, width = images.shape
+        lam = self._beta()
+        permutation = self._permutation(batch, images.device)
+        centre = (self._uniform(1, 2) * torch.tensor([height, width])).long()
+        box = centred_boxes(centre, cut_size(lam, height, width), height, width)
+        top, left, bottom, right = box[0].tolist()
+        images[:, :, top:bottom, left:right] = images[permutation, :, top:bottom, left:right]
+        lam = 1.0 - float(box_area_ratio(box, height, width))
+        return images, mix_targets(targets, permutation, lam)
+
+
+def cut_size(lam: float, height: int, width: int) -> torch.Tensor:
+    """``(1, 2)`` patch size ``int(side * sqrt(1 - lam))`` per axis, as CutMix computes it."""
+    ratio = float(np.sqrt(1.0 - lam))
+    return torch.tensor([[int(height * ratio), int(width * ratio)]])
+
+
+class SaliencyMix(BatchMixer):
+    """Uddin et al. 2021: paste the most salient patch of a source image into a target.
+
+    ``box="batch"`` takes one box from the first source's saliency and pastes it for the whole
+    batch, as the official ImageNet code does; ``box="sample"`` gives each sample the box of its
+    own source, as the paper describes. ``strategy`` picks where the patch is cut from and
+    pasted to (the paper's ablation); ``saliency_on`` says whether the detector sees the
+    de-normalised ``pixels`` or the ``input`` tensor as given (as the official code does).
+    """
+
+    def __init__(self, num_classes: int, saliency: str = "fine_grained", backend: str = "torch",
+                 box: str = "batch", strategy: str = "sal2corr", saliency_on: str = "pixels",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        for name, value, choices in (("saliency method", saliency, METHODS),
+                                     ("saliency backend", backend, BACKENDS),
+                                     ("box mode", box, BOX_MODES),
+                                     ("strategy", strategy, STRATEGIES),
+                                     ("saliency_on", saliency_on, SALIENCY_INPUTS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std for de-normalisation, or neither")
+        if std is not None and any(s <= 0 for s in std):
+            raise ValueError(f"std values must be > 0, got {list(std)}")
+        self.saliency = saliency
+        self.backend = backend
+        self.box = box
+        self.strategy = strategy
+        self.saliency_on = saliency_on
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def detector_view(self, images: torch.Tensor) -> torch.Tensor:
+        """What the saliency detector is shown: pixels in [0, 1], or the tensor as given."""
+        if images.shape[1] != 3:
+            raise ValueError(f"SaliencyMix needs 3-channel images, got {images.shape[1]} channels")
+        if self.saliency_on == "input" or images.dtype == torch.uint8 or self.mean is None:
+            return images
+        if self.mean.shape[1] != images.shape[1]:
+            raise ValueError(f"mean/std have {self.mean.shape[1]} values for {images.shape[1]} channels")
+        return images.float() * self.std.to(images.device) + self.mean.to(images.device)
+
+    def mix(self, images, targets):
+        batch, _, height, width = images.shape
+        lam = self._beta()
+        permutation = self._permutation(batch, images.device)
+        cut = cut_size(lam, height, width).to(images.device)
+        if self.box == "batch":
+            # One saliency map, of the first source image, places the box for every sample.
+            maps = self._saliency(images, permutation[:1], torch.zeros_like(permutation[:1]))
+            source_box, target_box = self._boxes(maps, cut, height, width, chosen_count=1)
+            if self.strategy == "sal2corr" or torch.equal(source_box, target_box):
+                top, left, bottom, right = source_box[0].tolist()
+                images[:, :, top:bottom, left:right] = images[permutation, :, top:bottom, left:right]
+            else:
+                images = paste_boxes(images, images[permutation], source_box.expand(batch, 4),
+                                     target_box.expand(batch, 4))
+            lam = 1.0 - float(box_area_ratio(source_box, height, width))
+            return images, mix_targets(targets, permutation, lam)
+        maps = self._saliency(images, permutation, torch.arange(batch, device=images.device))
+        source_boxes, target_boxes = self._boxes(maps, cut.expand(batch, 2), height, width, batch)
+        source = images[permutation]
+        if self.strategy == "sal2corr":
+            images = torch.where(box_masks(source_boxes, height, width), source, images)
+        else:
+            images = paste_boxes(images, source, source_boxes, target_boxes)
+        lam = 1.0 - box_area_ratio(source_boxes, height, width)
+        return images, mix_targets(targets, permutation, lam)
+
+    def _saliency(self, images, sources, targets):
+        """Saliency maps of the source images, and of the target images when the strategy
+        places the patch by the target's saliency; stacked as ``(sources, targets)``."""
+        if self.strategy == "center2center":
+            return None
+        needed = torch.cat([sources, targets]) if self._needs_target_saliency() else sources
+        return compute_saliency(self.detector_view(images[needed]), self.saliency, self.backend)
+
+    def _needs_target_saliency(self) -> bool:
+        return self.strategy in ("sal2sal", "sal2nonsal", "nonsal2sal", "nonsal2nonsal")
+
+    def _boxes(self, maps, cut, height, width, chosen_count):
+        """Source and target boxes of equal size for each of ``chosen_count`` sources."""
+        centre = torch.tensor([[height // 2, width // 2]], device=cut.device)
+        if self.strategy == "center2center":
+            source_centres = target_centres = centre.expand(chosen_count, 2)
+        else:
+            source_lowest = self.strategy.startswith("nonsal")
+            source_centres = saliency_peaks(maps[:chosen_count], lowest=source_lowest)
+            if self.strategy == "sal2corr":
+                target_centres = source_centres
+            else:
+                target_lowest = self.strategy.endswith("2nonsal")
+                target_centres = saliency_peaks(maps[chosen_count:], lowest=target_lowest)
+        source_boxes = centred_boxes(source_centres, cut, height, width)
+        if self.strategy in ("sal2corr", "center2center"):
+            return source_boxes, source_boxes
+        size = source_boxes[:, 2:] - source_boxes[:, :2]
+        limits = torch.tensor([height, width], device=cut.device)
+        top_left = torch.minimum((target_centres - size // 2).clamp_min(0), limits - size)
+        return source_boxes, torch.cat([top_left, top_left + size], dim=1)
+
+
+MIXERS = {
+    "none": NoMix,
+    "cutout": Cutout,
+    "mixup": Mixup,
+    "cutmix": CutMix,
+    "saliencymix": SaliencyMix,
+}
+
+
+def build_mixer(name: str, **options) -> BatchMixer:
+    """The mixer registered under ``name`` (``none``, ``cutout``, ``mixup``, ``cutmix``,
+    ``saliencymix``), built with ``options``; the configs choose methods this way."""
+    key = name.lower()
+    if key not in MIXERS:
+        raise ValueError(f"unknown mixing method {name!r}; choose one of {tuple(MIXERS)}")
+    return MIXERS[key](**options)
