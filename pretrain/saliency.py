@@ -115,9 +115,33 @@ def _grey_levels(images: torch.Tensor) -> torch.Tensor:
     return grey.add_(1 << 14).div_(1 << 15).floor_()
 
 
+def _reflect_indices(n: int, pad: int, device) -> torch.Tensor:
+    """Source index of each position of an axis of length ``n`` padded by ``pad`` on both
+    sides, as OpenCV's BORDER_REFLECT_101 (its default border) picks it, for any ``n``."""
+    positions = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (n - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded >= n, period - folded, folded)
+
+
 def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """OpenCV's BORDER_REFLECT_101 (its default border) on the last two axes of ``B x H x W``."""
-    return F.pad(x.unsqueeze(1), (pad, pad, pad, pad), mode="reflect").squeeze(1)
+    """``B x H x W`` padded by ``pad`` on both sides of the last two axes, OpenCV-style.
+
+    The image is copied once; only the border strips are gathered, from the padded copy.
+    """
+    height, width = x.shape[-2:]
+    out = x.new_empty(*x.shape[:-2], height + 2 * pad, width + 2 * pad)
+    out[..., pad:pad + height, pad:pad + width] = x
+    cols = _reflect_indices(width, pad, x.device) + pad
+    middle = out[..., pad:pad + height, :]
+    middle[..., :pad] = middle[..., cols[:pad]]
+    middle[..., pad + width:] = middle[..., cols[pad + width:]]
+    rows = _reflect_indices(height, pad, x.device) + pad
+    out[..., :pad, :] = out[..., rows[:pad], :]
+    out[..., pad + height:, :] = out[..., rows[pad + height:], :]
+    return out
 
 
 def _separable_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -238,9 +262,10 @@ def _torch_spectral_residual(images: torch.Tensor) -> torch.Tensor:
                           mode="bilinear", align_corners=False).round_().squeeze(1).double()
     spectrum = torch.fft.fft2(thumb)
     amplitude = spectrum.abs()
-    log_amplitude = amplitude.clamp_min(1e-300).log()
+    # A floor keeps flat thumbnails (zero amplitude off DC) finite; real images stay above it.
+    log_amplitude = amplitude.clamp_min(1e-12).log()
     residual = torch.exp(log_amplitude - _separable_filter(log_amplitude, torch.full((3,), 1 / 3)))
-    phase = torch.where(amplitude > 0, spectrum / amplitude.clamp_min(1e-300), torch.ones_like(spectrum))
+    phase = torch.where(amplitude > 0, spectrum / amplitude.clamp_min(1e-12), torch.ones_like(spectrum))
     response = torch.fft.ifft2(residual * phase).abs()
     smoothed = _separable_filter(response, _gaussian_kernel(5, 8.0)).square_()
     smoothed = smoothed / smoothed.amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
@@ -255,24 +280,29 @@ _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
                (0.019334, 0.119193, 0.950227))
 _WHITE = (0.950456, 1.0, 1.088754)
 _LAB_EPSILON = 0.008856
+_LAB_SLOPE = 7.787  # slope of the cube root at the epsilon: its linear branch is the tangent there
 
 
 def _lab_planes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CIE L, a, b planes of RGB images, as OpenCV's float COLOR_RGB2Lab computes them."""
+    """CIE L, a, b planes of RGB images, with the constants of OpenCV's float COLOR_RGB2Lab.
+
+    Both piecewise curves are written without masks: the sRGB power curve meets its linear
+    segment at 0.04045, and the cube root's linear branch is its tangent at the epsilon, so
+    ``curve(max(x, knee)) + slope * min(x - knee, 0)`` gives either branch.
+    """
     linear = []
     for plane in _pixel_planes(images, quantise=False):
-        curve = plane.add(0.055).div_(1.055).pow_(2.4)
-        linear.append(torch.where(plane <= 0.04045, plane.div_(12.92), curve))
+        curve = plane.clamp_min(0.04045).add_(0.055).div_(1.055).pow_(2.4)
+        linear.append(curve.add_(plane.sub_(0.04045).clamp_max_(0), alpha=1 / 12.92))
     cube_roots = []
     for row, white in zip(_RGB_TO_XYZ, _WHITE):
         xyz = linear[0] * (row[0] / white)
         xyz.add_(linear[1], alpha=row[1] / white).add_(linear[2], alpha=row[2] / white)
-        small = xyz <= _LAB_EPSILON
-        linear_part = xyz.mul(7.787).add_(16 / 116)
-        cube_roots.append(torch.where(small, linear_part, xyz.clamp_min_(_LAB_EPSILON).pow_(1 / 3)))
+        root = xyz.clamp_min(_LAB_EPSILON).pow_(1 / 3)
+        cube_roots.append(root.add_(xyz.sub_(_LAB_EPSILON).clamp_max_(0), alpha=_LAB_SLOPE))
     fx, fy, fz = cube_roots
     lightness = fy.mul(116).sub_(16)
-    a = (fx - fy).mul_(500)
+    a = fx.sub_(fy).mul_(500)
     b = fy.sub_(fz).mul_(200)
     return lightness, a, b
 
