@@ -109,9 +109,13 @@ def _pixel_planes(images: torch.Tensor, quantise: bool) -> list[torch.Tensor]:
 
 def _grey_levels(images: torch.Tensor) -> torch.Tensor:
     """OpenCV's 8-bit COLOR_RGB2GRAY as float levels; every step is exact in float32."""
-    red, green, blue = _pixel_planes(images, quantise=True)
-    weight_r, weight_g, weight_b = _GREY_WEIGHTS_Q15
-    grey = red.mul_(weight_r).add_(green, alpha=weight_g).add_(blue, alpha=weight_b)
+    grey = images.new_zeros(images.shape[0], *images.shape[2:], dtype=torch.float32)
+    plane = torch.empty_like(grey)
+    for channel, weight in enumerate(_GREY_WEIGHTS_Q15):
+        plane.copy_(images[:, channel])
+        if images.dtype != torch.uint8:
+            plane.clamp_(0, 1).mul_(255).round_()
+        grey.add_(plane, alpha=weight)
     return grey.add_(1 << 14).div_(1 << 15).floor_()
 
 
@@ -126,13 +130,14 @@ def _reflect_indices(n: int, pad: int, device) -> torch.Tensor:
     return torch.where(folded >= n, period - folded, folded)
 
 
-def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+def _reflect_pad(x: torch.Tensor, pad: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``B x H x W`` padded by ``pad`` on both sides of the last two axes, OpenCV-style.
 
     The image is copied once; only the border strips are gathered, from the padded copy.
     """
     height, width = x.shape[-2:]
-    out = x.new_empty(*x.shape[:-2], height + 2 * pad, width + 2 * pad)
+    if out is None:
+        out = x.new_empty(*x.shape[:-2], height + 2 * pad, width + 2 * pad)
     out[..., pad:pad + height, pad:pad + width] = x
     cols = _reflect_indices(width, pad, x.device) + pad
     middle = out[..., pad:pad + height, :]
@@ -163,10 +168,18 @@ def _separable_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _binomial3_levels(grey: torch.Tensor) -> torch.Tensor:
-    """OpenCV's bit-exact 8-bit GaussianBlur, 3 x 3 with sigma 0: ([1 2 1]^2 + 8) // 16."""
-    blurred = _separable_filter(grey, torch.tensor([1.0, 2.0, 1.0]))
-    return blurred.add_(8).div_(16).floor_()
+def _binomial3_levels(grey: torch.Tensor, passes: int) -> torch.Tensor:
+    """OpenCV's bit-exact 8-bit GaussianBlur, 3 x 3 with sigma 0, ``passes`` times in place:
+    ``([1 2 1]^T [1 2 1] * grey + 8) // 16``."""
+    batch, height, width = grey.shape
+    padded = grey.new_empty(batch, height + 2, width + 2)
+    rows = grey.new_empty(batch, height + 2, width)
+    for _ in range(passes):
+        _reflect_pad(grey, 1, out=padded)
+        torch.add(padded[:, :, :-2], padded[:, :, 2:], out=rows).add_(padded[:, :, 1:-1], alpha=2)
+        torch.add(rows[:, :-2], rows[:, 2:], out=grey).add_(rows[:, 1:-1], alpha=2)
+        grey.add_(8).div_(16).floor_()
+    return grey
 
 
 def _window_sums(prefix: torch.Tensor, half: int, axis: int, out: torch.Tensor) -> torch.Tensor:
@@ -208,27 +221,25 @@ def _torch_fine_grained(images: torch.Tensor) -> torch.Tensor:
     averages on and off. Box sums come from running sums; all values are whole numbers held
     exactly in float32 while the image has fewer than 2**24 / 255 pixels (as in OpenCV).
     """
-    grey = _binomial3_levels(_binomial3_levels(_grey_levels(images)))
+    grey = _binomial3_levels(_grey_levels(images), passes=2)
     _, height, width = grey.shape
-    column_prefix = grey.cumsum(1)
-    band = torch.empty_like(grey)
-    band_prefix = torch.empty_like(grey)
-    difference = torch.empty_like(grey)
-    part = torch.empty_like(grey)
-    on_sum = torch.zeros_like(grey)
-    off_sum = torch.zeros_like(grey)
+    # Window sums along rows of the 2-D running sum are the running sums (along columns) of
+    # the row-window sums, so one integral image serves every scale, as in OpenCV.
+    integral = grey.cumsum(1).cumsum_(2)
+    band_prefix, difference, part, on_sum, off_sum = (torch.empty_like(grey) for _ in range(5))
+    on_sum.zero_()
+    off_sum.zero_()
     for half in _FINE_GRAINED_NEIGHBOURHOODS:
         count = (_window_lengths(height, half, grey.device)[:, None]
                  * _window_lengths(width, half, grey.device)[None, :] - 1).clamp_min(1).float()
-        _window_sums(column_prefix, half, axis=1, out=band)
-        torch.cumsum(band, 2, out=band_prefix)
+        _window_sums(integral, half, axis=1, out=band_prefix)
         _window_sums(band_prefix, half, axis=2, out=difference)
         difference.sub_(grey).div_(count)             # mean of the neighbours
         torch.sub(grey, difference, out=difference)   # grey - mean
         on_sum.add_(torch.clamp(difference, min=0, out=part).floor_())  # (uchar) of > 0 only
         off_sum.add_(torch.neg(difference, out=part).clamp_(min=0).floor_())
-    on = _scale_to_255(on_sum)
-    off = _scale_to_255(off_sum)
+    on = _scale_to_255(on_sum, scratch=(integral, part))
+    off = _scale_to_255(off_sum, scratch=(band_prefix, difference))
     peak = torch.maximum(on.amax(dim=(1, 2), keepdim=True), off.amax(dim=(1, 2), keepdim=True))
     # (on + off) * 255 / peak never lies within float32 rounding of a whole number unless it is
     # one, so float32 floors it exactly as OpenCV's double arithmetic does.
@@ -236,17 +247,19 @@ def _torch_fine_grained(images: torch.Tensor) -> torch.Tensor:
     return intensity.mul_(_INV_255.to(intensity.device))
 
 
-def _scale_to_255(summed: torch.Tensor) -> torch.Tensor:
-    """OpenCV's ``(uchar)(255. * (float)(sum / (float)max))`` without leaving float32.
+def _scale_to_255(summed: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """OpenCV's ``(uchar)(255. * (float)(sum / (float)max))`` without leaving float32; the
+    result is written into ``scratch[0]`` and ``summed`` is overwritten.
 
     The ratio is rounded to float32 as in OpenCV; its exact product with 255 can sit just below
     a whole number that the float32 product rounds up to. ``256 * ratio - level`` is exact
     (Sterbenz) and is below ``ratio`` exactly when the true product is below ``level``.
     """
-    ratio = summed / summed.amax(dim=(1, 2), keepdim=True).clamp_min(1)
-    level = (ratio * 255).floor_()
-    overshoot = (ratio * 256).sub_(level) < ratio
-    return level.sub_(overshoot.float())
+    level, excess = scratch
+    ratio = summed.div_(summed.amax(dim=(1, 2), keepdim=True).clamp_min(1))
+    torch.mul(ratio, 255, out=level).floor_()
+    torch.mul(ratio, 256, out=excess).sub_(level)
+    return level.sub_(excess.lt_(ratio))
 
 
 def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
