@@ -81,7 +81,7 @@ def box_area_ratio(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor
 def paste_boxes(target: torch.Tensor, source: torch.Tensor, source_boxes: torch.Tensor,
                 target_boxes: torch.Tensor) -> torch.Tensor:
     """Copy ``source[b]`` inside ``source_boxes[b]`` onto ``target[b]`` at ``target_boxes[b]``
-    (boxes of equal size per sample), for all samples at once; returns a new tensor."""
+    (boxes of equal size per sample), for all samples at once, in place into ``target``."""
     batch, channels, height, width = target.shape
     inside = box_masks(target_boxes, height, width)
     shift = (source_boxes[:, :2] - target_boxes[:, :2]).view(batch, 2, 1, 1)
@@ -89,7 +89,7 @@ def paste_boxes(target: torch.Tensor, source: torch.Tensor, source_boxes: torch.
     cols = torch.arange(width, device=target.device).view(1, 1, width) + shift[:, 1]
     index = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).view(batch, 1, -1)
     moved = source.flatten(2).gather(2, index.expand(batch, channels, -1)).view_as(target)
-    return torch.where(inside, moved, target)
+    return torch.where(inside, moved, target, out=target)
 
 
 # ------------------------------------------------------------------------------- the mixers
@@ -120,7 +120,7 @@ class BatchMixer:
             raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
         targets = one_hot_targets(labels.to(images.device), self.num_classes,
                                   self.label_smoothing, batch_size=images.shape[0])
-        if self.prob < 1.0 and not self._uniform() < self.prob:
+        if images.shape[0] == 0 or (self.prob < 1.0 and not self._uniform() < self.prob):
             return images, targets
         return self.mix(images if self.inplace else images.clone(), targets)
 
@@ -263,17 +263,17 @@ class SaliencyMix(BatchMixer):
                 top, left, bottom, right = source_box[0].tolist()
                 images[:, :, top:bottom, left:right] = images[permutation, :, top:bottom, left:right]
             else:
-                images = paste_boxes(images, images[permutation], source_box.expand(batch, 4),
-                                     target_box.expand(batch, 4))
+                paste_boxes(images, images[permutation], source_box.expand(batch, 4),
+                            target_box.expand(batch, 4))
             lam = 1.0 - float(box_area_ratio(source_box, height, width))
             return images, mix_targets(targets, permutation, lam)
         maps = self._saliency(images, permutation, torch.arange(batch, device=images.device))
         source_boxes, target_boxes = self._boxes(maps, cut.expand(batch, 2), height, width, batch)
         source = images[permutation]
         if self.strategy == "sal2corr":
-            images = torch.where(box_masks(source_boxes, height, width), source, images)
+            torch.where(box_masks(source_boxes, height, width), source, images, out=images)
         else:
-            images = paste_boxes(images, source, source_boxes, target_boxes)
+            paste_boxes(images, source, source_boxes, target_boxes)
         lam = 1.0 - box_area_ratio(source_boxes, height, width)
         return images, mix_targets(targets, permutation, lam)
 
