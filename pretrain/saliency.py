@@ -94,17 +94,11 @@ def _opencv_frequency_tuned(cv2, bgr: np.ndarray) -> np.ndarray:
 # Every large temporary below is one B x H x W plane: the CPU allocator then reuses its memory
 # from call to call instead of mapping (and page-faulting) fresh pages for B x 3 x H x W copies.
 
-def _pixel_planes(images: torch.Tensor, quantise: bool) -> list[torch.Tensor]:
-    """The R, G, B planes as floats in [0, 1], or as whole 8-bit levels with ``quantise``."""
-    planes = []
-    for channel in range(3):
-        plane = images[:, channel].float()
-        if images.dtype == torch.uint8:
-            planes.append(plane if quantise else plane.div_(255))
-        else:
-            plane = plane.clamp(0, 1)
-            planes.append(plane.mul_(255).round_() if quantise else plane)
-    return planes
+def _rgb_planes(images: torch.Tensor) -> list[torch.Tensor]:
+    """The R, G, B planes as new float tensors in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return [images[:, channel].float().div_(255) for channel in range(3)]
+    return [images[:, channel].float().clamp(0, 1) for channel in range(3)]
 
 
 def _grey_levels(images: torch.Tensor) -> torch.Tensor:
@@ -304,7 +298,7 @@ def _lab_planes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     ``curve(max(x, knee)) + slope * min(x - knee, 0)`` gives either branch.
     """
     linear = []
-    for plane in _pixel_planes(images, quantise=False):
+    for plane in _rgb_planes(images):
         curve = plane.clamp_min(0.04045).add_(0.055).div_(1.055).pow_(2.4)
         linear.append(curve.add_(plane.sub_(0.04045).clamp_max_(0), alpha=1 / 12.92))
     cube_roots = []
