@@ -143,20 +143,22 @@ def _reflect_pad(x: torch.Tensor, pad: int, out: torch.Tensor | None = None) -> 
     return out
 
 
-def _separable_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def _separable_filter(x: torch.Tensor, kernel: torch.Tensor, out: torch.Tensor | None = None,
+                      padded: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Correlate ``B x H x W`` with ``kernel`` on both axes, borders as OpenCV reflects them.
 
     Weighted sums of shifted slices: for the few taps used here this is far cheaper on the CPU
-    than a convolution call, and it is exact in the same order on every device.
+    than a convolution call, and it is exact in the same order on every device. ``out``,
+    ``padded`` and ``rows`` may be given as buffers to reuse.
     """
     radius = kernel.numel() // 2
     weights = kernel.tolist()
-    padded = _reflect_pad(x, radius)
+    padded = _reflect_pad(x, radius, out=padded)
     height, width = x.shape[-2:]
-    rows = padded[:, :, 0:width] * weights[0]
+    rows = torch.mul(padded[:, :, 0:width], weights[0], out=rows)
     for tap in range(1, len(weights)):
         rows.add_(padded[:, :, tap:tap + width], alpha=weights[tap])
-    out = rows[:, 0:height] * weights[0]
+    out = torch.mul(rows[:, 0:height], weights[0], out=out)
     for tap in range(1, len(weights)):
         out.add_(rows[:, tap:tap + height], alpha=weights[tap])
     return out
@@ -290,38 +292,46 @@ _LAB_EPSILON = 0.008856
 _LAB_SLOPE = 7.787  # slope of the cube root at the epsilon: its linear branch is the tangent there
 
 
-def _lab_planes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CIE L, a, b planes of RGB images, with the constants of OpenCV's float COLOR_RGB2Lab.
+def _lab_planes(images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """CIE L, a, b planes of RGB images, with the constants of OpenCV's float COLOR_RGB2Lab,
+    and a spare plane of the same size for the caller to reuse.
 
     Both piecewise curves are written without masks: the sRGB power curve meets its linear
     segment at 0.04045, and the cube root's linear branch is its tangent at the epsilon, so
-    ``curve(max(x, knee)) + slope * min(x - knee, 0)`` gives either branch.
+    ``curve(max(x, knee)) + slope * min(x - knee, 0)`` gives either branch. Six planes are
+    allocated in all and reused in place.
     """
-    linear = []
-    for plane in _rgb_planes(images):
-        curve = plane.clamp_min(0.04045).add_(0.055).div_(1.055).pow_(2.4)
-        linear.append(curve.add_(plane.sub_(0.04045).clamp_max_(0), alpha=1 / 12.92))
-    cube_roots = []
-    for row, white in zip(_RGB_TO_XYZ, _WHITE):
-        xyz = linear[0] * (row[0] / white)
-        xyz.add_(linear[1], alpha=row[1] / white).add_(linear[2], alpha=row[2] / white)
-        root = xyz.clamp_min(_LAB_EPSILON).pow_(1 / 3)
-        cube_roots.append(root.add_(xyz.sub_(_LAB_EPSILON).clamp_max_(0), alpha=_LAB_SLOPE))
-    fx, fy, fz = cube_roots
-    lightness = fy.mul(116).sub_(16)
+    linear = _rgb_planes(images)
+    spare = torch.empty_like(linear[0])
+    for plane in linear:
+        curve = torch.clamp(plane, min=0.04045, out=spare).add_(0.055).div_(1.055).pow_(2.4)
+        plane.sub_(0.04045).clamp_max_(0).mul_(1 / 12.92).add_(curve)
+    xyz = [spare, torch.empty_like(spare), torch.empty_like(spare)]
+    for out, row, white in zip(xyz, _RGB_TO_XYZ, _WHITE):
+        torch.mul(linear[0], row[0] / white, out=out)
+        out.add_(linear[1], alpha=row[1] / white).add_(linear[2], alpha=row[2] / white)
+    for root, value in zip(linear, xyz):  # f(X), f(Y), f(Z) go into the linear planes
+        torch.clamp(value, min=_LAB_EPSILON, out=root).pow_(1 / 3)
+        root.add_(value.sub_(_LAB_EPSILON).clamp_max_(0), alpha=_LAB_SLOPE)
+    fx, fy, fz = linear
+    lightness = torch.mul(fy, 116, out=xyz[0]).sub_(16)
     a = fx.sub_(fy).mul_(500)
     b = fy.sub_(fz).mul_(200)
-    return lightness, a, b
+    return [lightness, a, b], fz
 
 
 def _torch_frequency_tuned(images: torch.Tensor) -> torch.Tensor:
     """Achanta et al. 2009: distance of the 5 x 5 binomial-blurred Lab image to its mean colour."""
     binomial = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
-    distance = None
-    for plane in _lab_planes(images):
+    lab, blurred = _lab_planes(images)
+    batch, height, width = blurred.shape
+    padded = blurred.new_empty(batch, height + 4, width + 4)
+    rows = blurred.new_empty(batch, height + 4, width)
+    distance = torch.zeros_like(blurred)
+    for plane in lab:
         mean = plane.mean(dim=(1, 2), keepdim=True)
-        offset = _separable_filter(plane, binomial).sub_(mean).square_()
-        distance = offset if distance is None else distance.add_(offset)
+        _separable_filter(plane, binomial, out=blurred, padded=padded, rows=rows)
+        distance.add_(blurred.sub_(mean).square_())
     distance.sqrt_()
     peak = distance.amax(dim=(1, 2), keepdim=True)
     return distance.div_(peak.clamp_min(1e-12))
