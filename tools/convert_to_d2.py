@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Export a pretrained torchvision ResNet (a checkpoint of ours or a plain state dict) for
+Detectron2, after checking every backbone tensor's name and shape.
+
+    python tools/convert_to_d2.py output/pretrain/model_final.pth r50_saliencymix.pkl
+    python tools/convert_to_d2.py checkpoint.pth resnet50.pth --format torchvision
+
+Detectron2 needs, for torchvision weights: INPUT.FORMAT RGB, MODEL.PIXEL_MEAN
+[123.675, 116.280, 103.530], MODEL.PIXEL_STD [58.395, 57.120, 57.375] and
+MODEL.RESNETS.STRIDE_IN_1X1 False.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.export import FORMATS, ExportError, convert  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="checkpoint of tools/pretrain.py, or a torchvision "
+                                      "ResNet-50/101/152 state dict (DDP/compile prefixes ok)")
+    parser.add_argument("output", help="file to write (*.pkl for the Detectron2 format)")
+    parser.add_argument("--format", choices=FORMATS, default="detectron2",
+                        help="detectron2: pickle of the backbone for MODEL.WEIGHTS (default); "
+                             "torchvision: state dict with the classifier, for "
+                             "torchvision.models.resnetXX().load_state_dict(strict=True)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow full unpickling (runs code from the file) when the input "
+                             "holds objects other than tensors, numbers and strings")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        print(convert(args.input, args.output, args.format, args.trust_pickle))
+    except ExportError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
