@@ -1,0 +1,74 @@
+"""Pretraining configuration: fvcore ``CfgNode`` defaults that hold the paper's ImageNet recipe.
+
+YAML files under ``configs/pretrain/`` override these (``_BASE_`` chains files), and command-line
+``KEY VALUE`` pairs override the files, as in Detectron2.
+"""
+from fvcore.common.config import CfgNode as CN
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_cfg() -> CN:
+    """A fresh copy of the defaults (ResNet-50, 300 epochs, no mixing)."""
+    cfg = CN()
+    cfg.OUTPUT_DIR = "output/pretrain"
+    cfg.SEED = 0
+    cfg.LOG_PERIOD = 20  # iterations between log lines (and non-finite loss checks)
+
+    cfg.MODEL = CN()
+    cfg.MODEL.ARCH = "resnet50"  # any torchvision ResNet: resnet18 ... resnet152
+    cfg.MODEL.NUM_CLASSES = 1000
+    cfg.MODEL.WEIGHTS = ""  # for --eval-only: a checkpoint to evaluate (default: the last one)
+    cfg.MODEL.CHANNELS_LAST = True
+    cfg.MODEL.COMPILE = False  # torch.compile the model
+
+    cfg.DATA = CN()
+    cfg.DATA.ROOT = ""  # ImageNet folder with train/ and val/; empty: $IMAGENET_ROOT
+    cfg.DATA.TRAIN_DIR = "train"
+    cfg.DATA.VAL_DIR = "val"
+    cfg.DATA.IMAGE_SIZE = 224
+    cfg.DATA.VAL_RESIZE = 256
+    cfg.DATA.MEAN = IMAGENET_MEAN
+    cfg.DATA.STD = IMAGENET_STD
+    cfg.DATA.COLOR_JITTER = 0.4  # brightness, contrast and saturation
+    cfg.DATA.LIGHTING_STD = 0.1  # AlexNet-style PCA lighting noise
+    cfg.DATA.NUM_WORKERS = 8  # per process
+    cfg.DATA.MAX_BAD_IMAGE_RETRIES = 10  # unreadable images replaced in a row before giving up
+
+    cfg.MIX = CN()
+    cfg.MIX.NAME = "none"  # none | cutout | mixup | cutmix | saliencymix
+    cfg.MIX.PROB = 1.0
+    cfg.MIX.ALPHA = 1.0  # the Beta distribution's parameter
+    cfg.MIX.LABEL_SMOOTHING = 0.0
+    cfg.MIX.CUTOUT_SIZE = 0.5  # side as a fraction of the shorter image side (112 of 224)
+    cfg.MIX.SALIENCY = "fine_grained"
+    cfg.MIX.BACKEND = "torch"
+    cfg.MIX.BOX = "batch"
+    cfg.MIX.STRATEGY = "sal2corr"
+    cfg.MIX.SALIENCY_ON = "pixels"
+
+    cfg.SOLVER = CN()
+    cfg.SOLVER.EPOCHS = 300
+    cfg.SOLVER.MAX_ITER = 0  # > 0: stop after this many iterations (the schedule still spans EPOCHS)
+    cfg.SOLVER.BATCH_SIZE = 256  # total over all processes
+    cfg.SOLVER.BASE_LR = 0.1  # for a total batch of 256, scaled linearly with BATCH_SIZE
+    cfg.SOLVER.MOMENTUM = 0.9
+    cfg.SOLVER.NESTEROV = False
+    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    cfg.SOLVER.SCHEDULE = "step"  # step | cosine
+    cfg.SOLVER.STEP_EPOCHS = (75, 150, 225)
+    cfg.SOLVER.GAMMA = 0.1
+    cfg.SOLVER.WARMUP_EPOCHS = 0.0
+    cfg.SOLVER.WARMUP_FACTOR = 0.1  # lr multiplier at the start of the warmup
+    cfg.SOLVER.AMP = True  # mixed precision on CUDA (ignored on the CPU)
+    cfg.SOLVER.AMP_DTYPE = "bfloat16"  # bfloat16 | float16 (float16 uses a grad scaler)
+
+    cfg.CHECKPOINT = CN()
+    cfg.CHECKPOINT.PERIOD = 1000  # iterations; checkpoints are also written at every epoch end
+    cfg.CHECKPOINT.KEEP_LAST = 3
+
+    cfg.TEST = CN()
+    cfg.TEST.EVAL_PERIOD = 1  # epochs; 0 evaluates only at the end
+    cfg.TEST.BATCH_SIZE = 256  # total over all processes
+    return cfg

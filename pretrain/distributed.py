@@ -1,0 +1,93 @@
+"""Starting one training process per GPU (or per CPU worker), on one machine or several.
+
+Three ways in, one code path after: a single process; ``--num-gpus N`` spawning N local
+processes (machine ``--machine-rank`` of ``--num-machines``, meeting at ``--dist-url``); or
+``torchrun``, which sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` itself. NCCL is used when
+CUDA is present, gloo otherwise.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def free_local_url() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def launch(main, args: tuple, num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: str = "auto") -> None:
+    """Run ``main(*args)`` in every process of the job."""
+    if launched_by_torchrun():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        _init_process_group("env://", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank)
+        _run(main, args)
+        return
+    world_size = num_processes * num_machines
+    if world_size == 1:
+        main(*args)
+        return
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("--dist-url auto works on one machine only; give tcp://HOST:PORT")
+        dist_url = free_local_url()
+    mp.start_processes(_worker, nprocs=num_processes, start_method="spawn",
+                       args=(main, args, num_processes, machine_rank, world_size, dist_url))
+
+
+def _worker(local_rank: int, main, args, num_processes: int, machine_rank: int, world_size: int,
+            dist_url: str) -> None:
+    _init_process_group(dist_url, machine_rank * num_processes + local_rank, world_size, local_rank)
+    _run(main, args)
+
+
+def _init_process_group(url: str, rank: int, world_size: int, local_rank: int) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, init_method=url, rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=30))
+
+
+def _run(main, args) -> None:
+    try:
+        main(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local_device() -> torch.device:
+    """This process's GPU (by ``LOCAL_RANK`` or the current device), or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all processes (no-op without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather_objects(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -1,0 +1,331 @@
+"""The ImageNet pretraining loop: one ``PretrainTrainer`` per process, configured by a CfgNode.
+
+It trains a torchvision ResNet with a batch mixer against soft targets, writes resumable
+checkpoints, evaluates top-1/top-5 error and logs metrics as JSON lines and TensorBoard events.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from fvcore.common.param_scheduler import (CompositeParamScheduler, CosineParamScheduler,
+                                           LinearParamScheduler, MultiStepParamScheduler, ParamScheduler)
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pretrain import checkpoint as ckpt
+from pretrain.data import build_train_loader, build_val_loader, per_process_batch, world
+from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
+from pretrain.losses import soft_target_cross_entropy
+from pretrain.mix import BatchMixer, build_mixer
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """A torchvision ResNet with random weights (nothing is downloaded)."""
+    arch = cfg.MODEL.ARCH
+    if not arch.startswith("resnet") or not hasattr(torchvision.models, arch):
+        raise ValueError(f"MODEL.ARCH {arch!r} is not a torchvision ResNet (resnet18 ... resnet152)")
+    return getattr(torchvision.models, arch)(weights=None, num_classes=cfg.MODEL.NUM_CLASSES)
+
+
+def build_mixer_from_config(cfg, generator: torch.Generator) -> BatchMixer:
+    """The configured mixer; only the options of the chosen method are passed on."""
+    mix = cfg.MIX
+    options = dict(num_classes=cfg.MODEL.NUM_CLASSES, prob=mix.PROB, alpha=mix.ALPHA,
+                   label_smoothing=mix.LABEL_SMOOTHING, generator=generator)
+    name = mix.NAME.lower()
+    if name == "cutout":
+        options["size"] = mix.CUTOUT_SIZE
+    if name == "saliencymix":
+        options.update(saliency=mix.SALIENCY, backend=mix.BACKEND, box=mix.BOX, strategy=mix.STRATEGY,
+                       saliency_on=mix.SALIENCY_ON, mean=cfg.DATA.MEAN, std=cfg.DATA.STD)
+    return build_mixer(name, **options)
+
+
+def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:
+    """The lr multiplier as a function of training progress in [0, 1) (fvcore's convention)."""
+    solver = cfg.SOLVER
+    total = solver.EPOCHS * iterations_per_epoch
+    if solver.SCHEDULE == "step":
+        milestones = [int(epoch * iterations_per_epoch) for epoch in solver.STEP_EPOCHS]
+        if milestones != sorted(milestones) or any(not 0 < m < total for m in milestones):
+            raise ValueError(f"SOLVER.STEP_EPOCHS {list(solver.STEP_EPOCHS)} must increase within "
+                             f"(0, SOLVER.EPOCHS={solver.EPOCHS})")
+        main = MultiStepParamScheduler([solver.GAMMA ** k for k in range(len(milestones) + 1)],
+                                       num_updates=total, milestones=milestones)
+    elif solver.SCHEDULE == "cosine":
+        main = CosineParamScheduler(1.0, 0.0)
+    else:
+        raise ValueError(f"unknown SOLVER.SCHEDULE {solver.SCHEDULE!r}; choose step or cosine")
+    warmup = solver.WARMUP_EPOCHS / solver.EPOCHS
+    if warmup <= 0:
+        return main
+    if warmup >= 1:
+        raise ValueError(f"SOLVER.WARMUP_EPOCHS {solver.WARMUP_EPOCHS} must be below SOLVER.EPOCHS")
+    ramp = LinearParamScheduler(solver.WARMUP_FACTOR * main(0.0), main(warmup))
+    return CompositeParamScheduler([ramp, main], lengths=[warmup, 1 - warmup],
+                                   interval_scaling=["rescaled", "fixed"])
+
+
+class MetricsWriter:
+    """Rank 0's JSON lines (``metrics.json``) and TensorBoard events; other ranks write nothing."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.json_path = output_dir / "metrics.json"
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, iteration: int, **values) -> None:
+        if not self.enabled:
+            return
+        with open(self.json_path, "a") as stream:
+            stream.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(name, value, iteration)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+class PretrainTrainer:
+    """Builds everything from ``cfg`` and trains; ``resume`` continues from the run folder's
+    last checkpoint. ``after_step`` callables run after every iteration (given the trainer)."""
+
+    def __init__(self, cfg, resume: bool = False):
+        self.cfg = cfg
+        self.rank, self.world_size = world()
+        self.device = local_device()
+        self.output_dir = Path(cfg.OUTPUT_DIR)
+        self.after_step: list[Callable[[PretrainTrainer], None]] = []
+        torch.manual_seed(cfg.SEED + self.rank)
+
+        pin = self.device.type == "cuda"
+        self.dataset, self.sampler, self.loader = build_train_loader(cfg, pin_memory=pin)
+        self.val_loader = build_val_loader(cfg, pin_memory=pin)
+        self.iterations_per_epoch = len(self.loader)
+        self.total_iterations = cfg.SOLVER.EPOCHS * self.iterations_per_epoch
+        self.max_iterations = min(cfg.SOLVER.MAX_ITER or self.total_iterations, self.total_iterations)
+        self.batch_per_process = per_process_batch(cfg.SOLVER.BATCH_SIZE, self.world_size, "SOLVER.BATCH_SIZE")
+
+        self.memory_format = torch.channels_last if cfg.MODEL.CHANNELS_LAST else torch.contiguous_format
+        self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.SOLVER.BASE_LR,
+                                         momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
+                                         weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        self.base_lr = cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256
+        self.schedule = build_lr_schedule(cfg, self.iterations_per_epoch)
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.SOLVER.AMP_DTYPE)
+        if amp_dtype is None:
+            raise ValueError(f"unknown SOLVER.AMP_DTYPE {cfg.SOLVER.AMP_DTYPE!r}; choose bfloat16 or float16")
+        self.amp_dtype = amp_dtype if cfg.SOLVER.AMP and self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.mixer = build_mixer_from_config(cfg, torch.Generator().manual_seed(cfg.SEED * 1000 + self.rank))
+
+        network = self.model
+        if self.world_size > 1:
+            network = DistributedDataParallel(network, device_ids=[self.device.index] if pin else None)
+        self.network = torch.compile(network) if cfg.MODEL.COMPILE else network
+
+        self.checkpointer = ckpt.Checkpointer(self.output_dir, cfg.CHECKPOINT.KEEP_LAST)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0)
+        self.iteration = 0
+        self.best_top1_error = math.inf
+        self.bad_images = 0  # this process's replaced training images
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self.resume()
+
+    # ------------------------------------------------------------------------------ training
+    def train(self) -> dict:
+        """Train to ``SOLVER.MAX_ITER`` (or the end of ``SOLVER.EPOCHS``); the last evaluation."""
+        losses: list[tuple[int, torch.Tensor]] = []
+        result = {}
+        while self.iteration < self.max_iterations:
+            epoch, start = divmod(self.iteration, self.iterations_per_epoch)
+            self.sampler.set_epoch(epoch, start * self.batch_per_process)
+            self.dataset.set_epoch(epoch)
+            self.network.train()
+            progress = tqdm(total=self.iterations_per_epoch, initial=start, desc=f"epoch {epoch}",
+                            disable=self.rank != 0, dynamic_ncols=True, leave=False)
+            window_start = time.perf_counter()
+            waited = 0.0
+            fetch_start = time.perf_counter()
+            for images, labels, replaced in self.loader:
+                waited += time.perf_counter() - fetch_start
+                losses.append((self.iteration, self._step(images, labels)))
+                self.bad_images += int(replaced.sum())
+                self.iteration += 1
+                progress.update()
+                for hook in self.after_step:
+                    hook(self)
+                if self.iteration % self.cfg.LOG_PERIOD == 0:
+                    elapsed = time.perf_counter() - window_start
+                    self._log_window(losses, elapsed, waited, progress)
+                    losses, waited, window_start = [], 0.0, time.perf_counter()
+                period = self.cfg.CHECKPOINT.PERIOD
+                epoch_done = self.iteration % self.iterations_per_epoch == 0
+                if (period and self.iteration % period == 0) or epoch_done or self.iteration == self.max_iterations:
+                    self._check_finite(losses)
+                    self.save_checkpoint()
+                if epoch_done or self.iteration >= self.max_iterations:
+                    break
+                fetch_start = time.perf_counter()
+            progress.close()
+            epoch_done = self.iteration % self.iterations_per_epoch == 0
+            last = self.iteration >= self.max_iterations
+            eval_period = self.cfg.TEST.EVAL_PERIOD
+            if last or (epoch_done and eval_period and (self.iteration // self.iterations_per_epoch) % eval_period == 0):
+                result = self.evaluate_and_keep_best()
+        bad = int(all_reduce_sum([self.bad_images], self.device)[0])
+        if self.rank == 0:
+            logger.info("training done at iteration %d; %d unreadable training images were replaced",
+                        self.iteration, bad)
+        self.metrics.write(self.iteration, bad_train_images=bad)
+        self.metrics.close()
+        return {**result, "bad_train_images": bad}
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        images, targets = self.mixer(images, labels)
+        lr = self.base_lr * self.schedule(self.iteration / self.total_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            loss = soft_target_cross_entropy(self.network(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def _check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
+        """Stop every process together when any saw a NaN or infinite loss since the last
+        check; no checkpoint is written after it, so the last one stays good."""
+        bad = [(iteration, float(loss)) for iteration, loss in losses if not math.isfinite(float(loss))]
+        first = bad[0][0] if bad else self.max_iterations + 1
+        reports = all_gather_objects((first, bad[0][1] if bad else None))
+        first, value = min(reports, key=lambda report: report[0])
+        if value is not None:
+            previous = self.last_checkpoint or "none written yet"
+            raise FloatingPointError(f"loss became {value} at iteration {first + 1}; training stopped. "
+                                     f"Last good checkpoint: {previous}")
+
+    def _log_window(self, losses, elapsed: float, waited: float, progress) -> None:
+        self._check_finite(losses)
+        loss_sum, count, data_time = all_reduce_sum(
+            [float(sum(float(loss) for _, loss in losses)), len(losses), waited], self.device)
+        images_per_second = len(losses) * self.cfg.SOLVER.BATCH_SIZE / max(elapsed, 1e-9)
+        values = dict(loss=loss_sum / count, lr=self.optimizer.param_groups[0]["lr"],
+                      images_per_second=images_per_second,
+                      data_time=data_time / self.world_size / max(len(losses), 1),
+                      epoch=self.iteration / self.iterations_per_epoch)
+        progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.4g}", ips=f"{images_per_second:.0f}")
+        self.metrics.write(self.iteration, **values)
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1 and top-5 error (percent) on the validation folder, every image counted once."""
+        self.model.eval()
+        correct1 = correct5 = total = replaced_total = 0
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        for images, labels, replaced in self.val_loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            labels = labels.to(self.device, non_blocking=True)
+            with autocast:
+                logits = self.model(images)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == labels.unsqueeze(1)
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            total += labels.numel()
+            replaced_total += int(replaced.sum())
+        correct1, correct5, total, replaced_total = all_reduce_sum(
+            [correct1, correct5, total, replaced_total], self.device)
+        self.model.train()
+        return {"top1_error": 100.0 * (1 - correct1 / total), "top5_error": 100.0 * (1 - correct5 / total),
+                "val_images": int(total), "bad_val_images": int(replaced_total)}
+
+    def evaluate_and_keep_best(self) -> dict:
+        result = self.evaluate()
+        self.metrics.write(self.iteration, epoch=self.iteration / self.iterations_per_epoch, **result)
+        if self.rank == 0:
+            logger.info("iteration %d: top-1 error %.2f%%, top-5 error %.2f%% on %d images",
+                        self.iteration, result["top1_error"], result["top5_error"], result["val_images"])
+        if result["top1_error"] < self.best_top1_error:
+            self.best_top1_error = result["top1_error"]
+            state = self._state()
+            if self.rank == 0:
+                self.checkpointer.save_best(state)
+        return result
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        """Everything needed to continue exactly where this iteration ends (a collective call:
+        every process contributes its own mixer random state)."""
+        rng = {"torch": torch.get_rng_state(),
+               "mixers": all_gather_objects(self.mixer.generator.get_state())}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"iteration": self.iteration, "total_iterations": self.total_iterations},
+                "scaler": self.scaler.state_dict(), "epoch": self.iteration // self.iterations_per_epoch,
+                "iteration": self.iteration,
+                "sampler": {"epoch": self.iteration // self.iterations_per_epoch,
+                            "position": (self.iteration % self.iterations_per_epoch) * self.batch_per_process},
+                "rng": rng, "cfg": self.cfg.dump(), "world_size": self.world_size,
+                "metrics": {"best_top1_error": self.best_top1_error,
+                            "bad_train_images": all_gather_objects(self.bad_images)}}
+
+    def save_checkpoint(self) -> None:
+        state = self._state()
+        if self.rank == 0:
+            self.last_checkpoint = self.checkpointer.save(ckpt.checkpoint_name(self.iteration), state)
+
+    def resume(self) -> None:
+        """Continue from the run folder's last checkpoint; a fresh folder starts from scratch."""
+        path = self.checkpointer.last()
+        if path is None:
+            if self.rank == 0:
+                logger.info("no checkpoint in %s: starting from scratch", self.output_dir)
+            return
+        state = ckpt.load(path)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{path} was written by {state['world_size']} processes; this run has "
+                             f"{self.world_size}: resume with the same process count")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.mixer.generator.set_state(state["rng"]["mixers"][self.rank])
+        self.best_top1_error = state["metrics"]["best_top1_error"]
+        self.bad_images = state["metrics"]["bad_train_images"][self.rank]
+        self.last_checkpoint = path
+        if self.rank == 0:
+            logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def load_weights(self, path: Path) -> None:
+        """Model weights from one of our checkpoints or a plain state dict (for evaluation)."""
+        state = ckpt.load(path)
+        weights = state.get("model", state)
+        self.model.load_state_dict(weights)

@@ -1,0 +1,218 @@
+"""The pretraining engine on a tiny synthetic ImageFolder: every method's config, DDP on the CPU,
+exact kill-and-resume, corrupt images, NaN losses, schedules, samplers and checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import get_cfg
+from pretrain.data import RobustImageFolder, ResumableDistributedSampler, ShardSampler, train_transform
+from pretrain.engine import PretrainTrainer, build_lr_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "pretrain").glob("r*.yaml"))
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 8, 3
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    """train/ and val/ with four classes of small textured JPEGs, plus one corrupt file."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for label in range(CLASSES):
+            folder = root / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                image = (rng.random((40, 48, 3)) * 80 + label * 40).astype(np.uint8)
+                cv2.imwrite(str(folder / f"{index}.jpg"), image)
+    (root / "train" / "n00000000" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    return root
+
+
+def tiny_cfg(root: Path, output: Path, config: Path = REPO / "configs/pretrain/r50_saliencymix.yaml", **overrides):
+    """A real config file, shrunk to tiny images, batches and (unless the depth is the point) ResNet-18."""
+    cfg = get_cfg()
+    cfg.merge_from_file(str(config))
+    arch = cfg.MODEL.ARCH if cfg.MODEL.ARCH == "resnet101" else "resnet18"
+    settings = {"DATA.ROOT": str(root), "OUTPUT_DIR": str(output), "MODEL.ARCH": arch,
+                "MODEL.NUM_CLASSES": CLASSES, "DATA.IMAGE_SIZE": 32, "DATA.VAL_RESIZE": 36,
+                "SOLVER.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8, "SOLVER.EPOCHS": 2, "SOLVER.STEP_EPOCHS": (1,),
+                "DATA.NUM_WORKERS": 0, "LOG_PERIOD": 1, "CHECKPOINT.PERIOD": 3, **overrides}
+    cfg.merge_from_list([item for pair in settings.items() for item in pair])
+    return cfg
+
+
+def cli_overrides(root: Path, output: Path) -> list[str]:
+    return ["DATA.ROOT", str(root), "OUTPUT_DIR", str(output), "MODEL.ARCH", "resnet18", "MODEL.NUM_CLASSES",
+            str(CLASSES), "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36", "SOLVER.BATCH_SIZE", "8",
+            "TEST.BATCH_SIZE", "8", "SOLVER.EPOCHS", "2", "SOLVER.STEP_EPOCHS", "(1,)", "DATA.NUM_WORKERS", "0",
+            "LOG_PERIOD", "2", "CHECKPOINT.PERIOD", "3"]
+
+
+def read_metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.json").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
+def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
+    cfg = tiny_cfg(imagenet, tmp_path, config, **{"SOLVER.MAX_ITER": 2})
+    result = PretrainTrainer(cfg).train()
+    records = read_metrics(tmp_path)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert {"lr", "images_per_second", "data_time"} <= set(records[0])
+    assert 0 <= result["top1_error"] <= 100 and result["val_images"] == CLASSES * VAL_PER_CLASS
+    state = ckpt.load(ckpt.Checkpointer(tmp_path, 3).last())
+    assert state["iteration"] == 2 and state["cfg"].count(f"NAME: {cfg.MIX.NAME}") == 1
+    assert (tmp_path / "tensorboard").is_dir() and (tmp_path / ckpt.BEST_NAME).is_file()
+
+
+def test_two_process_ddp_through_the_command_line(imagenet, tmp_path):
+    command = [sys.executable, str(REPO / "tools/pretrain.py"), "--config-file",
+               str(REPO / "configs/pretrain/r50_cutmix.yaml"), "--num-gpus", "2", *cli_overrides(imagenet, tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    # 33 training files over 2 processes x 4 images per batch: 4 iterations per epoch.
+    assert result["iteration"] == 8 and result["val_images"] == CLASSES * VAL_PER_CLASS
+    assert result["bad_train_images"] >= 1
+    state = ckpt.load(tmp_path / ckpt.checkpoint_name(8))
+    assert state["world_size"] == 2 and len(state["rng"]["mixers"]) == 2
+    evaluation = subprocess.run([*command[:6], "--eval-only", *command[6:]], capture_output=True, text=True,
+                                timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert json.loads(evaluation.stdout.strip().splitlines()[-1])["top1_error"] == result["top1_error"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_mid_epoch_and_resumed_ends_with_identical_weights(imagenet, tmp_path, workers):
+    options = {"DATA.NUM_WORKERS": workers, "MIX.BOX": "sample"}
+    uninterrupted = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "a", **options))
+    uninterrupted.train()
+
+    def kill_at_seven(trainer):
+        if trainer.iteration == 7:
+            raise Killed
+
+    interrupted = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "b", **options))
+    interrupted.after_step.append(kill_at_seven)
+    with pytest.raises(Killed):
+        interrupted.train()
+    resumed = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "b", **options), resume=True)
+    assert resumed.iteration == 6  # the periodic checkpoint in the middle of epoch 1
+    resumed.train()
+    expected, actual = uninterrupted.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert resumed.optimizer.state_dict()["state"].keys() == uninterrupted.optimizer.state_dict()["state"].keys()
+
+
+def test_corrupt_images_are_counted_and_replaced(imagenet, tmp_path, caplog):
+    result = PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.EPOCHS": 1, "SOLVER.SCHEDULE": "cosine"})).train()
+    assert result["bad_train_images"] == 1  # seen once per epoch
+    assert "broken.jpg" in caplog.text
+    dataset = RobustImageFolder(imagenet / "train", train_transform(tiny_cfg(imagenet, tmp_path)), 0, 3)
+    broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg"))
+    image, label, replaced = dataset[broken]
+    assert replaced == 1 and image.shape == (3, 32, 32) and label == dataset.samples[broken + 1][1]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(imagenet, tmp_path):
+    """Train a little, then resume with an exploding learning rate: the run stops with a message
+    naming the last checkpoint, which was written before the first bad loss and is intact."""
+    PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.MAX_ITER": 3})).train()
+    exploding = tiny_cfg(imagenet, tmp_path, **{"SOLVER.BASE_LR": 1e12})
+    with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at iteration \d+") as stopped:
+        PretrainTrainer(exploding, resume=True).train()
+    bad_iteration = int(str(stopped.value).split("at iteration ")[1].split(";")[0])
+    good = ckpt.Checkpointer(tmp_path, 3).last()
+    assert good.name in str(stopped.value)
+    state = ckpt.load(good)
+    assert 3 <= state["iteration"] < bad_iteration
+    weights = state["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point())
+
+
+def test_step_schedule_warmup_and_batch_scaling(imagenet, tmp_path):
+    cfg = tiny_cfg(imagenet, tmp_path, **{"SOLVER.EPOCHS": 300, "SOLVER.STEP_EPOCHS": (75, 150, 225)})
+    schedule = build_lr_schedule(cfg, iterations_per_epoch=10)
+    assert [schedule(epoch / 300) for epoch in (0, 74.9, 75, 150, 224.9, 225, 299.9)] == pytest.approx(
+        [1, 1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    cfg.merge_from_list(["SOLVER.WARMUP_EPOCHS", 5.0, "SOLVER.WARMUP_FACTOR", 0.1])
+    warm = build_lr_schedule(cfg, iterations_per_epoch=10)
+    assert warm(0.0) == pytest.approx(0.1) and warm(2.5 / 300) == pytest.approx(0.55) and warm(10 / 300) == 1
+    cfg.merge_from_list(["SOLVER.SCHEDULE", "cosine", "SOLVER.WARMUP_EPOCHS", 0.0])
+    cosine = build_lr_schedule(cfg, iterations_per_epoch=10)
+    assert cosine(0.0) == 1 and cosine(0.5) == pytest.approx(0.5) and cosine(0.999) < 1e-4
+    trainer = PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.BATCH_SIZE": 16}))
+    assert trainer.base_lr == pytest.approx(0.1 * 16 / 256)
+
+
+def test_bad_configuration_values_are_named(imagenet, tmp_path, monkeypatch):
+    with pytest.raises(AssertionError, match="SOLVER.LEARNING_RATE"):  # fvcore's unknown-key error
+        tiny_cfg(imagenet, tmp_path, **{"SOLVER.LEARNING_RATE": 0.1})
+    with pytest.raises(ValueError, match="'vgg16'"):
+        PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"MODEL.ARCH": "vgg16"}))
+    with pytest.raises(ValueError, match=r"STEP_EPOCHS \[5\]"):
+        PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.STEP_EPOCHS": (5,)}))
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)
+    with pytest.raises(ValueError, match=r"DATA.ROOT.*\$IMAGENET_ROOT"):
+        PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"DATA.ROOT": ""}))
+    monkeypatch.setenv("IMAGENET_ROOT", str(imagenet))
+    assert PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"DATA.ROOT": ""})).iterations_per_epoch == 4
+    with pytest.raises(FileNotFoundError, match="missing"):
+        PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"DATA.ROOT": str(tmp_path / "missing")}))
+
+
+def test_sampler_deals_disjoint_shares_and_resumes_part_way():
+    shares = [list(ResumableDistributedSampler(10, 3, rank, seed=7)) for rank in range(3)]
+    assert all(len(share) == 3 for share in shares)
+    assert len(set(sum(shares, []))) == 9
+    sampler = ResumableDistributedSampler(10, 3, 1, seed=7)
+    sampler.set_epoch(4)
+    whole = list(sampler)
+    sampler.set_epoch(4, start=2)
+    assert list(sampler) == whole[2:] and len(sampler) == 1
+    sampler.set_epoch(5)
+    assert list(sampler) != whole
+    assert sorted(sum((list(ShardSampler(10, 3, r)) for r in range(3)), [])) == list(range(10))
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(imagenet, tmp_path):
+    dataset = RobustImageFolder(imagenet / "train", train_transform(tiny_cfg(imagenet, tmp_path)), 0, 3)
+    first = dataset[5][0]
+    torch.rand(100)  # the global random state must not matter
+    assert torch.equal(dataset[5][0], first)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[5][0], first)
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    path = tmp_path / "state.pth"
+    ckpt.save(path, {"weights": torch.ones(3)})
+
+    def failing_write(stream):
+        stream.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write(path, failing_write)
+    assert torch.equal(ckpt.load(path)["weights"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pth"]
+    with pytest.raises(RuntimeError, match="cannot read checkpoint .*garbage.pth"):
+        (tmp_path / "garbage.pth").write_bytes(b"nope")
+        ckpt.load(tmp_path / "garbage.pth")

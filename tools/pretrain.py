@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""ImageNet pretraining with a batch mixer (none, cutout, mixup, cutmix, saliencymix).
+
+    python tools/pretrain.py --config-file configs/pretrain/r50_saliencymix.yaml --num-gpus 8
+    python tools/pretrain.py --config-file ... --resume                      # continue the run
+    python tools/pretrain.py --config-file ... --eval-only MODEL.WEIGHTS run/model_best.pth
+    torchrun --nnodes 2 --nproc-per-node 8 ... tools/pretrain.py --config-file ...   # multi-node
+
+Trailing ``KEY VALUE`` pairs override the config (``SOLVER.BATCH_SIZE 512 DATA.ROOT /data``).
+On a machine without GPUs, ``--num-gpus N`` runs N CPU processes (gloo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.config import get_cfg  # noqa: E402
+from pretrain.distributed import launch  # noqa: E402
+from pretrain.engine import PretrainTrainer  # noqa: E402
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config YAML")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's last checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS (or the last checkpoint)")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU workers)")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank")
+    parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 (auto: one machine)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser
+
+
+def setup(args):
+    config_file = Path(args.config_file)
+    if not config_file.is_file():
+        raise SystemExit(f"error: config file {config_file} does not exist")
+    cfg = get_cfg()
+    cfg.merge_from_file(str(config_file))
+    if len(args.opts) % 2:
+        raise SystemExit(f"error: config overrides come in KEY VALUE pairs, got {args.opts}")
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def main(args) -> dict:
+    cfg = setup(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = PretrainTrainer(cfg, resume=args.resume and not args.eval_only)
+    if trainer.rank == 0:
+        Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
+    if args.eval_only:
+        weights = Path(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else trainer.checkpointer.last()
+        if weights is None:
+            raise SystemExit(f"error: --eval-only needs MODEL.WEIGHTS or a checkpoint in {cfg.OUTPUT_DIR}")
+        trainer.load_weights(weights)
+        result = trainer.evaluate()
+        if trainer.rank == 0:
+            print(json.dumps({"weights": str(weights), **result}))
+        return result
+    result = trainer.train()
+    if trainer.rank == 0:
+        print(json.dumps({"iteration": trainer.iteration, **result}))
+    return result
+
+
+if __name__ == "__main__":
+    arguments = argument_parser().parse_args()
+    launch(main, (arguments,), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
+           machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)
