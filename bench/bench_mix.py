@@ -23,20 +23,11 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import MIXERS, normalise  # noqa: E402
 from pretrain.mix import build_mixer  # noqa: E402
 from pretrain.saliency import METHODS, compute_saliency  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPEEDUP_TARGETS = {"fine_grained": 5.0, "frequency_tuned": 5.0}
-MIXERS = {  # name -> (build_mixer arguments, target fraction of a ResNet-50 step)
-    "none": (dict(name="none"), None),
-    "cutout": (dict(name="cutout"), None),
-    "mixup": (dict(name="mixup"), None),
-    "cutmix": (dict(name="cutmix"), None),
-    "saliencymix box=batch": (dict(name="saliencymix", box="batch", mean=IMAGENET_MEAN, std=IMAGENET_STD), 0.01),
-    "saliencymix box=sample": (dict(name="saliencymix", box="sample", mean=IMAGENET_MEAN, std=IMAGENET_STD), 0.02),
-}
 
 
 def timed(function, device: torch.device, repeats: int, warmup: int = 1) -> float:
@@ -115,9 +106,7 @@ def main(argv=None) -> None:
         pixels = torch.rand(args.batch_size, 3, size, size, generator=generator)
         bench_saliency(pixels, device, args.repeats)
         if not args.skip_model:
-            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-            images = ((pixels - mean) / std).to(device)
+            images = normalise(pixels).to(device)
             labels = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
             bench_mixers(images, labels, device, args.repeats, args.model_repeats)
 

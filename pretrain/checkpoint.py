@@ -3,30 +3,15 @@ and renamed over its final name, so a run killed at any moment leaves the previo
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from pretrain.atomic_file import atomic_write
+
 LAST_POINTER = "last_checkpoint"
 BEST_NAME = "model_best.pth"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it to
-    ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+FINAL_NAME = "model_final.pth"  # the weights at the end of training, as Detectron2 names them
 
 
 def save(path: Path, state: dict) -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pretrain import checkpoint as ckpt
 from pretrain.data import build_train_loader, build_val_loader, per_process_batch, world
+from pretrain.export import load_resnet_state_dict
 from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
 from pretrain.losses import soft_target_cross_entropy
 from pretrain.mix import BatchMixer, build_mixer
@@ -74,6 +75,21 @@ def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:
     ramp = LinearParamScheduler(solver.WARMUP_FACTOR * main(0.0), main(warmup))
     return CompositeParamScheduler([ramp, main], lengths=[warmup, 1 - warmup],
                                    interval_scaling=["rescaled", "fixed"])
+
+
+def training_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  mixer: BatchMixer, images: torch.Tensor, labels: torch.Tensor,
+                  amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Mix the batch, then one forward, backward and SGD step; the (detached) loss."""
+    images, targets = mixer(images, labels)
+    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with autocast:
+        loss = soft_target_cross_entropy(network(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
 
 
 class MetricsWriter:
@@ -192,7 +208,9 @@ class PretrainTrainer:
             if last or (epoch_done and eval_period and (self.iteration // self.iterations_per_epoch) % eval_period == 0):
                 result = self.evaluate_and_keep_best()
         bad = int(all_reduce_sum([self.bad_images], self.device)[0])
+        final = self._state()
         if self.rank == 0:
+            ckpt.save(self.output_dir / ckpt.FINAL_NAME, final)
             logger.info("training done at iteration %d; %d unreadable training images were replaced",
                         self.iteration, bad)
         self.metrics.write(self.iteration, bad_train_images=bad)
@@ -202,18 +220,10 @@ class PretrainTrainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
-        images, targets = self.mixer(images, labels)
         lr = self.base_lr * self.schedule(self.iteration / self.total_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with autocast:
-            loss = soft_target_cross_entropy(self.network(images), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
+        return training_step(self.network, self.optimizer, self.scaler, self.mixer, images, labels, self.amp_dtype)
 
     def _check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
         """Stop every process together when any saw a NaN or infinite loss since the last
@@ -325,7 +335,6 @@ class PretrainTrainer:
             logger.info("resumed from %s at iteration %d", path, self.iteration)
 
     def load_weights(self, path: Path) -> None:
-        """Model weights from one of our checkpoints or a plain state dict (for evaluation)."""
-        state = ckpt.load(path)
-        weights = state.get("model", state)
-        self.model.load_state_dict(weights)
+        """Model weights from one of our checkpoints or a plain torchvision state dict, with or
+        without DDP / torch.compile prefixes (for evaluation)."""
+        self.model.load_state_dict(load_resnet_state_dict(path).state)

@@ -15,16 +15,16 @@ import functools
 import os
 import pickle
 import re
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 import torchvision
 import yaml
+
+from pretrain.atomic_file import atomic_write
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -264,25 +264,6 @@ def torchvision_export_state(state: Mapping[str, torch.Tensor], depth: int
             raise ExportError(f"wrong shape {name}: {tuple(state[name].shape)}, "
                               f"expected {shape}")
     return {name: state[name] for name in shapes if name in state}
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the destination folder, then rename it into place:
-    a crash or error never leaves a partial file, nor clobbers an existing one. (``os.open``
-    rather than ``tempfile``, so the file gets the usual umask permissions, not 0600.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_detectron2_pickle(path: str | os.PathLike, state: Mapping[str, torch.Tensor],

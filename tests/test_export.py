@@ -18,9 +18,9 @@ import pytest
 import torch
 import torchvision
 
+from pretrain.atomic_file import atomic_write
 from pretrain.export import (
     ExportError,
-    atomic_write,
     convert,
     detectron2_to_torchvision,
     is_backbone_tensor,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain.atomic_file import atomic_write
 from pretrain.config import get_cfg
 from pretrain.data import RobustImageFolder, ResumableDistributedSampler, ShardSampler, train_transform
 from pretrain.engine import PretrainTrainer, build_lr_schedule
@@ -210,7 +211,7 @@ def test_checkpoints_are_written_atomically(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write(path, failing_write)
+        atomic_write(path, failing_write)
     assert torch.equal(ckpt.load(path)["weights"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pth"]
     with pytest.raises(RuntimeError, match="cannot read checkpoint .*garbage.pth"):

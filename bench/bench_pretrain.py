@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Training-step throughput of a ResNet with each mixer against no mixing, measured side by side
+in one run: same model, same batch, same device, the trainer's own step function.
+
+Targets: SaliencyMix box="batch" within 1% of no mixing, box="sample" within 2% (the paper's own
+implementation cost 9.6% more than no mixing).
+
+    python bench/bench_pretrain.py                          # ResNet-50; batch 128 on a GPU, 16 on a CPU
+    python bench/bench_pretrain.py --batch-size 256 --steps 20 --amp
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import MIXERS, normalise  # noqa: E402
+from pretrain.engine import training_step  # noqa: E402
+from pretrain.mix import build_mixer  # noqa: E402
+
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, help="default 128 on a GPU, 16 on a CPU")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, help="timed steps per round (default 20 on a GPU, 2 on a CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all mixers, interleaved (median)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    batch = args.batch_size or (128 if on_gpu else 16)
+    steps = args.steps or (20 if on_gpu else 2)
+    amp_dtype = torch.bfloat16 if args.amp and on_gpu else None
+
+    model = getattr(torchvision.models, args.arch)(weights=None).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(batch, 3, args.size, args.size, generator=generator)
+    images = normalise(pixels).to(device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    mixers = {label: build_mixer(num_classes=1000, generator=torch.Generator().manual_seed(1), **options)
+              for label, (options, _) in MIXERS.items()}
+
+    def run(mixer, count):
+        for _ in range(count):
+            training_step(model, optimizer, scaler, mixer, images, labels, amp_dtype)
+        synchronise(device)
+
+    run(mixers["none"], 1 if not on_gpu else 3)  # warm up kernels and allocator
+    seconds = {label: [] for label in mixers}
+    for _ in range(args.rounds):  # interleaved so drifts (clocks, heat) hit every mixer alike
+        for label, mixer in mixers.items():
+            start = time.perf_counter()
+            run(mixer, steps)
+            seconds[label].append((time.perf_counter() - start) / steps)
+
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.arch} training step, batch {batch} x 3 x {args.size} x {args.size} on {device} ({name}), "
+          f"{'bf16 autocast, ' if amp_dtype else ''}median of {args.rounds} rounds x {steps} steps")
+    baseline = statistics.median(seconds["none"])
+    print(f"{'mixer':<26}{'images/s':>10}{'vs none':>10}  ")
+    for label, (_, allowed) in MIXERS.items():
+        step = statistics.median(seconds[label])
+        slowdown = step / baseline - 1
+        verdict = "" if allowed is None else f"target <= {allowed:.0%}: {'met' if slowdown <= allowed else 'NOT met'}"
+        print(f"{label:<26}{batch / step:>10.1f}{slowdown:>+9.2%}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
