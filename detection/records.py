@@ -1,0 +1,48 @@
+"""What a finished detection run leaves in its output folder for ``tools/compare.py``:
+``run_info.json`` (how it was trained) and ``eval_results.json`` (what it scored)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pretrain.atomic_file import atomic_write
+
+RUN_INFO = "run_info.json"
+EVAL_RESULTS = "eval_results.json"
+# Settings that must agree between runs for their scores to be comparable.
+PROTOCOL_KEYS = ("engine", "train_datasets", "test_datasets", "max_iter", "steps", "ims_per_batch", "base_lr")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda stream: stream.write((json.dumps(value, indent=2) + "\n").encode()))
+
+
+def write_run_info(output_dir: str | Path, cfg, engine: str) -> dict:
+    info = {"method": cfg.TRANSFER.METHOD or "unknown", "weights": cfg.MODEL.WEIGHTS, "engine": engine,
+            "train_datasets": list(cfg.DATASETS.TRAIN), "test_datasets": list(cfg.DATASETS.TEST),
+            "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
+            "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR, "seed": cfg.SEED}
+    _write_json(Path(output_dir) / RUN_INFO, info)
+    return info
+
+
+def write_eval_results(output_dir: str | Path, results: dict, iteration: int) -> None:
+    """``results`` as the evaluator returns them: ``{"bbox": {"AP", "AP50", "AP75"}, ...}``."""
+    _write_json(Path(output_dir) / EVAL_RESULTS, {"iteration": iteration, **results})
+
+
+def read_run(output_dir: str | Path) -> dict:
+    """``{"dir", "info", "results"}`` of a finished run; errors name the missing or bad file."""
+    folder = Path(output_dir)
+    run = {"dir": str(folder)}
+    for key, name in (("info", RUN_INFO), ("results", EVAL_RESULTS)):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is {folder} a finished detection run?")
+        try:
+            run[key] = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if "bbox" not in run["results"] or "AP50" not in run["results"]["bbox"]:
+        raise ValueError(f"{folder / EVAL_RESULTS} has no bbox AP50")
+    return run
