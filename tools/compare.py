@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""The mAP gain report: finished detection runs grouped by pretraining method (the TRANSFER.METHOD
+recorded in each run's run_info.json), with per method the number of trials, mean ± std of AP,
+AP50 and AP75, and the gain over the baseline method with a 95% Welch confidence interval.
+
+    python tools/compare.py output/detection                        # every run below it
+    python tools/compare.py runs/r50_none runs/r50_saliencymix --baseline none --output report/
+
+A RUN_DIR is a run folder (it holds run_info.json and eval_results.json) or any folder above
+run folders, e.g. a multi-trial run whose trial_0, trial_1, ... are used. It prints the table
+and writes comparison.csv, comparison.json and comparison.png. Warnings (a method with a single
+trial, runs that disagree on dataset or schedule) are printed and recorded in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detection.report import (  # noqa: E402
+    compare_runs,
+    default_output_dir,
+    format_table,
+    load_runs,
+    write_report,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a finished run folder, or a folder whose subfolders (at any depth) "
+                             "holding run_info.json are used, e.g. the trial_N folders of a "
+                             "multi-trial run; a folder given twice counts once")
+    parser.add_argument("--baseline", default="none",
+                        help="method the gains are measured against (default: none, the plain "
+                             "baseline)")
+    parser.add_argument("--output", type=Path, metavar="DIR",
+                        help="folder for comparison.csv/.json/.png (default: the deepest folder "
+                             "holding all the runs, i.e. their common parent)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        runs = load_runs(args.run_dirs)
+        report = compare_runs(runs, args.baseline)
+        print(format_table(report))
+        for warning in report["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        paths = write_report(report, args.output or default_output_dir(runs))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for path in paths.values():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
