@@ -11,7 +11,6 @@ On a machine without GPUs, ``--num-gpus N`` runs N CPU processes (gloo).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -20,21 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import get_cfg  # noqa: E402
-from pretrain.distributed import launch  # noqa: E402
+from pretrain.distributed import default_argument_parser, launch  # noqa: E402
 from pretrain.engine import PretrainTrainer  # noqa: E402
-
-
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config YAML")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's last checkpoint")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS (or the last checkpoint)")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU workers)")
-    parser.add_argument("--num-machines", type=int, default=1)
-    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank")
-    parser.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 (auto: one machine)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return parser
 
 
 def setup(args):
@@ -73,6 +59,6 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = argument_parser().parse_args()
+    arguments = default_argument_parser(__doc__).parse_args()
     launch(main, (arguments,), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
            machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)

@@ -1,0 +1,124 @@
+"""tools/train_net.py end to end on a tiny VOC-format tree: Detectron2 (when installed) and the
+torchvision engine, from a backbone exported by tools/convert_to_d2.py."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from detection import records
+from pretrain.export import convert
+from voc_tree import CLASSES, write_voc_tree
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["TRANSFER.VOC_ROOT", None, "TRANSFER.DATASET_NAME", "tiny_voc", "TRANSFER.CLASS_NAMES", str(list(CLASSES)),
+        "DATASETS.TRAIN", "('tiny_voc_trainval',)", "DATASETS.TEST", "('tiny_voc_test',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(len(CLASSES)), "MODEL.DEVICE", "cpu",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "160", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.005",
+        "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "100",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False", "TRANSFER.METHOD", "saliencymix"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """A VOC tree and a ResNet-50 backbone exported in both formats from a checkpoint of ours."""
+    folder = tmp_path_factory.mktemp("transfer")
+    checkpoint = folder / "model_final.pth"
+    torch.save({"model": torchvision.models.resnet50().state_dict(), "iteration": 10}, checkpoint)
+    convert(checkpoint, folder / "backbone.pkl")
+    convert(checkpoint, folder / "backbone.pth", fmt="torchvision")
+    return {"voc": write_voc_tree(folder / "voc"), "pkl": folder / "backbone.pkl", "pth": folder / "backbone.pth"}
+
+
+def train_net(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools/train_net.py"), *arguments],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def overrides(voc: Path, output: Path, weights: Path) -> list[str]:
+    values = list(TINY)
+    values[1] = str(voc)
+    return [*values, "OUTPUT_DIR", str(output), "MODEL.WEIGHTS", str(weights)]
+
+
+def assert_finished_run(output: Path, engine: str) -> dict:
+    run = records.read_run(output)
+    assert run["info"]["engine"] == engine and run["info"]["method"] == "saliencymix"
+    assert run["info"]["train_datasets"] == ["tiny_voc_trainval"] and run["info"]["max_iter"] == 3
+    for metric in ("AP", "AP50", "AP75"):
+        assert 0 <= run["results"]["bbox"][metric] <= 100
+    return run
+
+
+# Few proposals and sampled RoIs: a C4 head runs res5 on every RoI, which a CPU feels.
+SMALL_HEADS = ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
+               "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
+               "MODEL.RPN.POST_NMS_TOPK_TEST", "32"]
+# Parts of the detector that are not in an ImageNet backbone, so start untrained.
+NEW_HEADS = ("proposal_generator.", "roi_heads.box_predictor.", "roi_heads.box_head.", "roi_heads.res5.norm.",
+             "backbone.fpn_")
+
+
+def weights_missing_from_checkpoint(log: str) -> list[str]:
+    """The names fvcore lists as 'not found in the checkpoint' (it only logs them)."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if "not found in the checkpoint" in line]
+    missing = []
+    for start in starts:
+        for line in lines[start + 1:]:
+            if line.startswith(("[", "W", "/")) or not line.strip():
+                break
+            missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("config", ["faster_rcnn_R50_C4_voc.yaml", "faster_rcnn_R50_FPN_voc.yaml",
+                                    "faster_rcnn_R50_C4_voc_18k_frozen_bn.yaml"])
+def test_detectron2_trains_from_the_exported_pickle_and_evaluates(exported, tmp_path, config):
+    pytest.importorskip("detectron2")
+    run = train_net("--config-file", str(REPO / "configs/detection" / config),
+                    *overrides(exported["voc"], tmp_path, exported["pkl"]), *SMALL_HEADS)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert_finished_run(tmp_path, "detectron2")
+    assert (tmp_path / "model_final.pth").is_file() and (tmp_path / "config.yaml").is_file()
+    # Every exported backbone tensor reached the model: only new heads start from scratch.
+    missing = weights_missing_from_checkpoint(log)
+    assert missing and all(name.startswith(NEW_HEADS) for name in missing), missing
+    assert "not used by the model" not in log
+
+
+def test_torchvision_engine_through_the_same_command(exported, tmp_path):
+    run = train_net("--engine", "torchvision", "--config-file", str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
+                    *overrides(exported["voc"], tmp_path, exported["pth"]))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_finished_run(tmp_path, "torchvision")
+
+
+def test_trials_get_their_own_folders_and_seeds(exported, tmp_path):
+    run = train_net("--engine", "torchvision", "--trials", "2", "--config-file",
+                    str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
+                    *overrides(exported["voc"], tmp_path, exported["pth"]), "SEED", "7", "SOLVER.MAX_ITER", "1",
+                    "SOLVER.STEPS", "()")
+    assert run.returncode == 0, run.stderr[-4000:]
+    seeds = [records.read_run(tmp_path / f"trial_{k}")["info"]["seed"] for k in range(2)]
+    assert seeds == [7, 8]
+
+
+def test_class_count_mismatch_is_named(exported, tmp_path):
+    run = train_net("--engine", "torchvision", "--config-file", str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
+                    *overrides(exported["voc"], tmp_path, exported["pth"]), "MODEL.ROI_HEADS.NUM_CLASSES", "20")
+    assert run.returncode != 0 and "NUM_CLASSES is 20 but dataset tiny_voc_trainval has 3 classes" in run.stderr
+    assert not (tmp_path / records.RUN_INFO).exists()
+
+
+def test_unknown_dataset_name_is_named(exported, tmp_path):
+    run = train_net("--engine", "torchvision", "--config-file", str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
+                    *overrides(exported["voc"], tmp_path, exported["pth"]), "DATASETS.TEST", "('coco_2017_val',)")
+    assert run.returncode != 0 and "unknown dataset 'coco_2017_val'" in run.stderr
