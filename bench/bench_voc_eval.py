@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detection.evaluation import VOCDetectionEvaluator  # noqa: E402
-from detection.voc import VOC_CLASSES  # noqa: E402
+from detection.voc import VOC_CLASSES, write_annotation, write_split  # noqa: E402
 
 SPLIT = "test"
 IMAGE_SIZE = (500, 375)  # width, height: a typical VOC image
@@ -43,8 +43,6 @@ BATCH_SIZE = 8  # images per process() call
 
 def write_tree(root: Path, rng: np.random.Generator, num_images: int) -> dict[str, list]:
     """Annotation XMLs and the split list; returns image id -> [(class id, 1-based box, difficult)]."""
-    (root / "Annotations").mkdir(parents=True)
-    (root / "ImageSets" / "Main").mkdir(parents=True)
     width, height = IMAGE_SIZE
     tree = {}
     for index in range(num_images):
@@ -55,20 +53,11 @@ def write_tree(root: Path, rng: np.random.Generator, num_images: int) -> dict[st
             objects.append((int(rng.integers(len(VOC_CLASSES))), (x1, y1, x1 + w, min(y1 + h, height)),
                             bool(rng.random() < 0.1)))
         image_id = f"{index:06d}"
-        (root / "Annotations" / f"{image_id}.xml").write_text(annotation_xml(objects))
+        write_annotation(root, image_id, width, height,
+                         [(VOC_CLASSES[label], box, difficult) for label, box, difficult in objects])
         tree[image_id] = objects
-    (root / "ImageSets" / "Main" / f"{SPLIT}.txt").write_text("".join(f"{i}\n" for i in tree))
+    write_split(root, SPLIT, list(tree))
     return tree
-
-
-def annotation_xml(objects) -> str:
-    body = "".join(
-        f"<object><name>{VOC_CLASSES[label]}</name><pose>Unspecified</pose><truncated>0</truncated>"
-        f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
-        for label, (x1, y1, x2, y2), difficult in objects)
-    return (f"<annotation><size><width>{IMAGE_SIZE[0]}</width><height>{IMAGE_SIZE[1]}</height>"
-            f"<depth>3</depth></size>{body}</annotation>")
 
 
 def synthetic_outputs(tree: dict, rng: np.random.Generator) -> dict[str, dict]:

@@ -1,4 +1,5 @@
-"""Reading Pascal VOC-format trees: the split lists, the annotation XMLs and the dataset dicts.
+"""Pascal VOC-format trees: reading the split lists, annotation XMLs and dataset dicts, and
+writing them (for synthetic and converted datasets).
 
 One reader for everything that needs VOC ground truth (the evaluator, the Detectron2 dataset
 registration, the torchvision engine), so that all of them see the same boxes and fail with the
@@ -158,3 +159,40 @@ def _difficult(element: ET.Element, xml_path: str, where: str) -> bool:
     except ValueError:
         raise ValueError(f"{xml_path}: {where} <difficult> is {child.text.strip()!r}, "
                          f"not an integer") from None
+
+
+# ----------------------------------------------------------------------------------- writing
+
+def annotation_element(width: int, height: int, objects: Sequence[tuple]) -> ET.Element:
+    """A VOC annotation of ``objects`` given as ``(class name, (xmin, ymin, xmax, ymax), difficult)``
+    with the XML's own 1-based inclusive coordinates, holding every field the devkit reads."""
+    annotation = ET.Element("annotation")
+    size = ET.SubElement(annotation, "size")
+    for field, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, field).text = str(value)
+    for name, box, difficult in objects:
+        element = ET.SubElement(annotation, "object")
+        for field, value in (("name", name), ("pose", "Unspecified"), ("truncated", 0),
+                             ("difficult", int(difficult))):
+            ET.SubElement(element, field).text = str(value)
+        bndbox = ET.SubElement(element, "bndbox")
+        for field, value in zip(COORDINATE_FIELDS, box):
+            ET.SubElement(bndbox, field).text = str(value)
+    return annotation
+
+
+def write_annotation(root, image_id: str, width: int, height: int, objects: Sequence[tuple]) -> str:
+    """Write ``Annotations/{image_id}.xml`` (see :func:`annotation_element`); returns its path."""
+    path = annotation_file(root, image_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ET.ElementTree(annotation_element(width, height, objects)).write(path)
+    return path
+
+
+def write_split(root, split: str, image_ids: Sequence[str]) -> str:
+    """Write ``ImageSets/Main/{split}.txt``; returns its path."""
+    path = split_file(root, split)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as stream:
+        stream.write("".join(f"{image_id}\n" for image_id in image_ids))
+    return path

@@ -16,11 +16,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detection import torchvision_engine as engine
 from detection.config import get_detection_cfg
-from detection.voc import load_voc_split
+from detection.voc import load_voc_split, write_annotation
 from pretrain import checkpoint as ckpt
 from pretrain.distributed import launch
 from pretrain.export import convert
-from voc_tree import CLASSES, annotation_xml, write_voc_tree
+from voc_tree import CLASSES, write_voc_tree
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_degenerate_boxes_are_clipped_or_dropped():
 def test_images_without_annotations_are_not_trained_on(files, tmp_path):
     voc = tmp_path / "voc"
     shutil.copytree(files["voc"], voc)
-    (voc / "Annotations" / "empty.xml").write_text(annotation_xml("empty", 80, 64, []))
+    write_annotation(voc, "empty", 80, 64, [])
     shutil.copy(voc / "JPEGImages" / "000000.jpg", voc / "JPEGImages" / "empty.jpg")
     with open(voc / "ImageSets" / "Main" / "trainval.txt", "a") as split:
         split.write("empty\n")

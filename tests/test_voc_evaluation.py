@@ -7,7 +7,9 @@ Detectron2 compare against Detectron2's own loader and evaluator and skip withou
 """
 from __future__ import annotations
 
+import os
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 from detection.evaluation import VOCDetectionEvaluator, round_like_text
-from detection.voc import VOC_CLASSES, load_voc_split, parse_annotation, read_split_ids
+from detection.voc import (VOC_CLASSES, annotation_element, image_file, load_voc_split, parse_annotation,
+                           read_split_ids, write_annotation, write_split)
 
 CLASSES = ("cat", "dog", "person")
 SPLIT = "test"
@@ -35,27 +38,14 @@ CAT_B = ("000002", "cat", (4, 4, 20, 30))
 CAT_DIFFICULT = ("000002", "cat", (24, 9, 55, 40))
 
 
-def annotation_xml(objects, size=IMAGE_SIZE) -> str:
-    """VOC XML with every field Detectron2's evaluator reads (pose and truncated included)."""
-    parts = [f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"]
-    for name, (x1, y1, x2, y2), difficult in objects:
-        parts.append(
-            f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
-            f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
-    parts.append("</annotation>")
-    return "".join(parts)
-
-
 def write_voc_tree(root: Path, tree: dict, split: str = SPLIT, size=IMAGE_SIZE) -> Path:
     """A VOC-format tree: a small real JPEG and an annotation XML per image, and the split list."""
-    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
+    os.makedirs(root / "JPEGImages", exist_ok=True)
     pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     for image_id, objects in tree.items():
-        (root / "Annotations" / f"{image_id}.xml").write_text(annotation_xml(objects, size))
-        assert cv2.imwrite(str(root / "JPEGImages" / f"{image_id}.jpg"), pixels)
-    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in tree))
+        write_annotation(root, image_id, size[0], size[1], objects)
+        assert cv2.imwrite(image_file(root, image_id), pixels)
+    write_split(root, split, list(tree))
     return root
 
 
@@ -137,7 +127,7 @@ def test_load_voc_split_gives_dataset_dicts_with_difficult_objects_kept(tiny_tre
 
 def test_difficult_tag_is_optional(tmp_path):
     xml = tmp_path / "a.xml"
-    xml.write_text(annotation_xml([("dog", (1, 2, 3, 4), False)]).replace("<difficult>0</difficult>", ""))
+    xml.write_text(ET.tostring(annotation_element(64, 48, [("dog", (1, 2, 3, 4), False)]), encoding="unicode").replace("<difficult>0</difficult>", ""))
     assert parse_annotation(xml, CLASSES)["objects"][0]["difficult"] is False
 
 
