@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/visualize_saliency.py --output $(DEMO_DIR)/saliency.png
+	$(PY) tools/demo.py --output $(DEMO_DIR)
+	$(PY) tools/visualize_saliency.py $(DEMO_DIR)/data/detection/JPEGImages --limit 6 --output $(DEMO_DIR)/saliency.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -28,6 +28,7 @@ def get_cfg() -> CN:
     cfg.DATA.TRAIN_DIR = "train"
     cfg.DATA.VAL_DIR = "val"
     cfg.DATA.IMAGE_SIZE = 224
+    cfg.DATA.CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's range of crop areas
     cfg.DATA.VAL_RESIZE = 256
     cfg.DATA.MEAN = IMAGENET_MEAN
     cfg.DATA.STD = IMAGENET_STD

@@ -44,7 +44,8 @@ class Lighting:
 
 
 def train_transform(cfg) -> transforms.Compose:
-    steps = [transforms.RandomResizedCrop(cfg.DATA.IMAGE_SIZE), transforms.RandomHorizontalFlip()]
+    steps = [transforms.RandomResizedCrop(cfg.DATA.IMAGE_SIZE, scale=tuple(cfg.DATA.CROP_SCALE)),
+             transforms.RandomHorizontalFlip()]
     if cfg.DATA.COLOR_JITTER:
         jitter = cfg.DATA.COLOR_JITTER
         steps.append(transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))

@@ -24,9 +24,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SKIMAGE_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 
 
-def load_photographs(paths: list[str], size: int) -> tuple[list[str], torch.Tensor]:
-    """Names and a ``N x 3 x size x size`` float batch of the given images, or of
-    scikit-image's bundled photographs when no path is given."""
+def load_photographs(paths: list[str], size: int, limit: int) -> tuple[list[str], torch.Tensor]:
+    """Names and a ``N x 3 x size x size`` float batch of (at most ``limit`` of) the given
+    images, or of scikit-image's bundled photographs when no path is given."""
     if paths:
         files = []
         for path in map(Path, paths):
@@ -39,7 +39,7 @@ def load_photographs(paths: list[str], size: int) -> tuple[list[str], torch.Tens
         if not files:
             raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {paths}")
         names, arrays = [], []
-        for file in files:
+        for file in files[:limit]:
             bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise SystemExit(f"error: cannot read image {file}")
@@ -95,11 +95,12 @@ def main(argv=None) -> Path:
     parser.add_argument("--size", type=int, default=224, help="side the images are resized to")
     parser.add_argument("--lam", type=float, default=0.6, help="mixing ratio that sets the patch size")
     parser.add_argument("--backend", default="torch", choices=BACKENDS)
+    parser.add_argument("--limit", type=int, default=8, help="at most this many images from the paths given")
     args = parser.parse_args(argv)
     if not 0.0 <= args.lam < 1.0:
         parser.error(f"--lam must lie in [0, 1), got {args.lam}")
 
-    names, images = load_photographs(args.images, args.size)
+    names, images = load_photographs(args.images, args.size, args.limit)
     maps = {method: compute_saliency(images, method, args.backend) for method in METHODS}
     count, _, height, width = images.shape
     boxes = centred_boxes(saliency_peaks(maps["fine_grained"]),

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Built-in data for the demo: a classification set in the ImageNet folder layout and a detection
+set in the Pascal VOC layout, with the same object classes (coloured shapes) drawn at random
+positions and scales on cluttered, textured backgrounds, so that where the object lies matters.
+
+    python tools/make_demo_data.py --output output/demo/data            # deterministic by --seed
+
+Writes ``classification/{train,val}/<class>/*.jpg`` and ``detection/`` (``JPEGImages/``,
+``Annotations/``, ``ImageSets/Main/{trainval,test}.txt``), then ``manifest.json`` (the settings) last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detection.voc import image_file, write_annotation, write_split  # noqa: E402
+
+# name -> (shape, BGR colour)
+CLASSES = {
+    "red_disc": ("disc", (50, 50, 220)),
+    "green_square": ("square", (60, 190, 60)),
+    "blue_triangle": ("triangle", (210, 110, 40)),
+    "yellow_ring": ("ring", (40, 210, 230)),
+    "magenta_cross": ("cross", (200, 60, 200)),
+}
+CLASS_NAMES = tuple(CLASSES)
+
+
+def cluttered_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth coloured noise with muted blobs and lines: texture without the objects' colours."""
+    coarse = rng.integers(70, 170, (size // 8 + 1, size // 8 + 1, 3)).astype(np.uint8)
+    image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    image = cv2.add(image, rng.integers(0, 40, (size, size, 3)).astype(np.uint8))
+    for _ in range(rng.integers(4, 9)):
+        colour = tuple(int(c) for c in rng.integers(60, 160, 3))
+        centre = tuple(int(c) for c in rng.integers(0, size, 2))
+        if rng.random() < 0.5:
+            cv2.circle(image, centre, int(rng.integers(2, size // 8)), colour, -1)
+        else:
+            end = tuple(int(c) for c in rng.integers(0, size, 2))
+            cv2.line(image, centre, end, colour, int(rng.integers(1, 3)))
+    return image
+
+
+def draw_object(image: np.ndarray, shape: str, colour, x1: int, y1: int, side: int,
+                rng: np.random.Generator) -> None:
+    """Draw one object filling the square ``(x1, y1, side)``, its colour jittered a little."""
+    colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in colour)
+    x2, y2 = x1 + side - 1, y1 + side - 1
+    cx, cy, r = x1 + side // 2, y1 + side // 2, side // 2
+    if shape == "disc":
+        cv2.circle(image, (cx, cy), r, colour, -1)
+    elif shape == "square":
+        cv2.rectangle(image, (x1, y1), (x2, y2), colour, -1)
+    elif shape == "triangle":
+        cv2.fillPoly(image, [np.array([(cx, y1), (x1, y2), (x2, y2)], np.int32)], colour)
+    elif shape == "ring":
+        cv2.circle(image, (cx, cy), r - max(1, side // 10), colour, max(2, side // 5))
+    else:  # cross
+        bar = max(2, side // 4)
+        cv2.rectangle(image, (cx - bar // 2, y1), (cx + bar // 2, y2), colour, -1)
+        cv2.rectangle(image, (x1, cy - bar // 2), (x2, cy + bar // 2), colour, -1)
+
+
+def place(rng: np.random.Generator, size: int, scale: tuple[float, float], taken: list) -> tuple[int, int, int]:
+    """A square ``(x1, y1, side)`` inside the image that overlaps no earlier one by much."""
+    for _ in range(50):
+        side = int(size * rng.uniform(*scale))
+        x1, y1 = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        if all(_overlap((x1, y1, side), other) < 0.3 for other in taken):
+            return x1, y1, side
+    return x1, y1, side
+
+
+def _overlap(a, b) -> float:
+    ax, ay, aside = a
+    bx, by, bside = b
+    w = max(0, min(ax + aside, bx + bside) - max(ax, bx))
+    h = max(0, min(ay + aside, by + bside) - max(ay, by))
+    return w * h / min(aside * aside, bside * bside)
+
+
+def write_classification(root: Path, rng: np.random.Generator, per_class: dict[str, int], size: int) -> None:
+    for split, count in per_class.items():
+        for label, (name, (shape, colour)) in enumerate(CLASSES.items()):
+            folder = root / split / f"{label:02d}_{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                image = cluttered_background(rng, size)
+                x1, y1, side = place(rng, size, (0.3, 0.6), [])
+                draw_object(image, shape, colour, x1, y1, side, rng)
+                cv2.imwrite(str(folder / f"{index:05d}.jpg"), image)
+
+
+def write_detection(root: Path, rng: np.random.Generator, per_split: dict[str, int], size: int) -> None:
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    next_id = 0
+    for split, count in per_split.items():
+        ids = []
+        for _ in range(count):
+            image_id = f"{next_id:06d}"
+            next_id += 1
+            image = cluttered_background(rng, size)
+            objects, taken = [], []
+            for _ in range(rng.integers(1, 4)):
+                name = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+                x1, y1, side = place(rng, size, (0.18, 0.42), taken)
+                taken.append((x1, y1, side))
+                draw_object(image, *CLASSES[name], x1, y1, side, rng)
+                objects.append((name, (x1 + 1, y1 + 1, x1 + side, y1 + side), False))  # VOC: 1-based
+            cv2.imwrite(image_file(root, image_id), image)
+            write_annotation(root, image_id, size, size, objects)
+            ids.append(image_id)
+        write_split(root, split, ids)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="output/demo/data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-class", type=int, default=300)
+    parser.add_argument("--val-per-class", type=int, default=40)
+    parser.add_argument("--detection-train", type=int, default=400)
+    parser.add_argument("--detection-test", type=int, default=100)
+    parser.add_argument("--classification-size", type=int, default=64)
+    parser.add_argument("--detection-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    rng = np.random.default_rng(args.seed)
+    write_classification(output / "classification", rng,
+                         {"train": args.train_per_class, "val": args.val_per_class}, args.classification_size)
+    write_detection(output / "detection", rng, {"trainval": args.detection_train, "test": args.detection_test},
+                    args.detection_size)
+    # Written last: its presence says the folder is complete (the demo skips the stage then).
+    (output / "manifest.json").write_text(json.dumps({"classes": list(CLASS_NAMES), **vars(args)}, indent=2) + "\n")
+    print(f"wrote {output}: {len(CLASSES)} classes; classification {args.train_per_class}/{args.val_per_class} "
+          f"per class at {args.classification_size} px; detection {args.detection_train}/{args.detection_test} "
+          f"images at {args.detection_size} px")
+    return output
+
+
+if __name__ == "__main__":
+    main()
