@@ -60,15 +60,24 @@ class Stage:
         command = [*self.command[:2], "--resume", *self.command[2:]] if resuming else self.command
         print(f"{header}{' (resuming)' if resuming else ''}\n  $ {' '.join(command)}", flush=True)
         start = time.perf_counter()
-        with open(log, "a") as stream:
-            stream.write(f"\n==== {header}\n$ {' '.join(command)}\n")
-            stream.flush()
-            finished = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)
-        if finished.returncode != 0:
-            raise SystemExit(f"error: stage '{self.title}' failed (exit {finished.returncode}); see {log}")
+        with open(log, "ab") as stream:
+            stream.write(f"\n==== {header}\n$ {' '.join(command)}\n".encode())
+            returncode = run_teed(command, stream)
+        if returncode != 0:
+            raise SystemExit(f"error: stage '{self.title}' failed (exit {returncode}); see {log}")
         if not self.done.exists():
             raise SystemExit(f"error: stage '{self.title}' finished without writing {self.done}; see {log}")
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_teed(command: list[str], log) -> int:
+    """Run ``command``, showing its output (progress bars included) and appending it to ``log``."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    for chunk in iter(lambda: process.stdout.read1(65536), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        log.write(chunk)
+    return process.wait()
 
 
 def tool(name: str, *arguments: str) -> list[str]:
