@@ -69,3 +69,13 @@ class Checkpointer:
 def checkpoint_name(iteration: int) -> str:
     """Names sort in training order."""
     return f"checkpoint_{iteration:08d}.pth"
+
+
+def weights_to_evaluate(weights: str, output_dir: str) -> Path:
+    """``MODEL.WEIGHTS`` when set, else the newest checkpoint of the run folder ``OUTPUT_DIR``."""
+    path = Path(weights) if weights else Checkpointer(Path(output_dir), keep_last=1).last()
+    if path is None:
+        raise SystemExit(f"error: no weights to evaluate: set MODEL.WEIGHTS or train into {output_dir} first")
+    if not path.is_file():
+        raise SystemExit(f"error: MODEL.WEIGHTS {path} does not exist")
+    return path

@@ -3,6 +3,8 @@
 YAML files under ``configs/pretrain/`` override these (``_BASE_`` chains files), and command-line
 ``KEY VALUE`` pairs override the files, as in Detectron2.
 """
+from pathlib import Path
+
 from fvcore.common.config import CfgNode as CN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,16 +19,20 @@ def get_cfg() -> CN:
     cfg.LOG_PERIOD = 20  # iterations between log lines (and non-finite loss checks)
 
     cfg.MODEL = CN()
-    cfg.MODEL.ARCH = "resnet50"  # any torchvision ResNet: resnet18 ... resnet152
+    cfg.MODEL.ARCH = "resnet50"  # a torchvision ResNet (resnet18 ... resnet152) or wideresnet28_10
+    cfg.MODEL.STEM = "imagenet"  # imagenet (7x7 stride 2 + max pool) | cifar (3x3 stride 1, for 32 px)
+    cfg.MODEL.DROPOUT = 0.0  # inside WideResNet blocks
     cfg.MODEL.NUM_CLASSES = 1000
     cfg.MODEL.WEIGHTS = ""  # for --eval-only: a checkpoint to evaluate (default: the last one)
     cfg.MODEL.CHANNELS_LAST = True
     cfg.MODEL.COMPILE = False  # torch.compile the model
 
     cfg.DATA = CN()
-    cfg.DATA.ROOT = ""  # ImageNet folder with train/ and val/; empty: $IMAGENET_ROOT
+    cfg.DATA.DATASET = "imagefolder"  # imagefolder | cifar10 | cifar100
+    cfg.DATA.ROOT = ""  # ImageNet folder with train/ and val/, or the CIFAR archive's folder; empty: $IMAGENET_ROOT
     cfg.DATA.TRAIN_DIR = "train"
     cfg.DATA.VAL_DIR = "val"
+    cfg.DATA.AUGMENT = "imagenet"  # imagenet (the recipe below) | crop_flip (CIFAR's "+") | none
     cfg.DATA.IMAGE_SIZE = 224
     cfg.DATA.CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's range of crop areas
     cfg.DATA.VAL_RESIZE = 256
@@ -72,4 +78,18 @@ def get_cfg() -> CN:
     cfg.TEST = CN()
     cfg.TEST.EVAL_PERIOD = 1  # epochs; 0 evaluates only at the end
     cfg.TEST.BATCH_SIZE = 256  # total over all processes
+    return cfg
+
+
+def setup_cfg(config_file: str, opts: list[str]) -> CN:
+    """The defaults, merged with ``config_file`` and then the ``KEY VALUE`` overrides; frozen."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise SystemExit(f"error: config file {path} does not exist")
+    if len(opts) % 2:
+        raise SystemExit(f"error: config overrides come in KEY VALUE pairs, got {opts}")
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path))
+    cfg.merge_from_list(opts)
+    cfg.freeze()
     return cfg

@@ -1,5 +1,5 @@
-"""ImageNet-layout data: the paper's transforms, a loader that survives corrupt files, and a
-distributed sampler that can resume in the middle of an epoch.
+"""Training data: ImageNet-layout folders (a loader that survives corrupt files) or CIFAR, the
+paper's transforms, and a distributed sampler that can resume in the middle of an epoch.
 
 Augmentation randomness is drawn per sample from ``(seed, epoch, index)``, not from whichever
 worker process happens to load the sample, so a resumed run sees exactly the batches an
@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
+
+from pretrain.cifar import CifarSplit, read_cifar
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +46,59 @@ class Lighting:
         return image + shift.view(3, 1, 1)
 
 
+AUGMENTATIONS = ("imagenet", "crop_flip", "none")
+DATASETS = ("imagefolder", "cifar10", "cifar100")
+
+
 def train_transform(cfg) -> transforms.Compose:
-    steps = [transforms.RandomResizedCrop(cfg.DATA.IMAGE_SIZE, scale=tuple(cfg.DATA.CROP_SCALE)),
-             transforms.RandomHorizontalFlip()]
-    if cfg.DATA.COLOR_JITTER:
-        jitter = cfg.DATA.COLOR_JITTER
-        steps.append(transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-    steps += [transforms.ToTensor(), Lighting(cfg.DATA.LIGHTING_STD),
-              transforms.Normalize(cfg.DATA.MEAN, cfg.DATA.STD)]
+    """``DATA.AUGMENT``: the paper's ImageNet recipe, the CIFAR papers' 4-pixel-padded random
+    crop and flip (the "+" of their tables), or none."""
+    augment = cfg.DATA.AUGMENT
+    if augment == "imagenet":
+        steps = [transforms.RandomResizedCrop(cfg.DATA.IMAGE_SIZE, scale=tuple(cfg.DATA.CROP_SCALE)),
+                 transforms.RandomHorizontalFlip()]
+        if cfg.DATA.COLOR_JITTER:
+            jitter = cfg.DATA.COLOR_JITTER
+            steps.append(transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+        steps += [transforms.ToTensor(), Lighting(cfg.DATA.LIGHTING_STD)]
+    elif augment == "crop_flip":
+        steps = [transforms.RandomCrop(cfg.DATA.IMAGE_SIZE, padding=4), transforms.RandomHorizontalFlip(),
+                 transforms.ToTensor()]
+    elif augment == "none":
+        steps = [transforms.ToTensor()]
+    else:
+        raise ValueError(f"unknown DATA.AUGMENT {augment!r}; choose one of {AUGMENTATIONS}")
+    return transforms.Compose([*steps, transforms.Normalize(cfg.DATA.MEAN, cfg.DATA.STD)])
+
+
+def val_transform(cfg, normalize: bool = True) -> transforms.Compose:
+    """Resize and centre-crop an ImageFolder image (CIFAR images are used as they are); without
+    ``normalize`` the tensor stays in [0, 1], for attacks that work in pixel space."""
+    steps = []
+    if cfg.DATA.DATASET == "imagefolder":
+        steps += [transforms.Resize(cfg.DATA.VAL_RESIZE), transforms.CenterCrop(cfg.DATA.IMAGE_SIZE)]
+    steps.append(transforms.ToTensor())
+    if normalize:
+        steps.append(transforms.Normalize(cfg.DATA.MEAN, cfg.DATA.STD))
     return transforms.Compose(steps)
 
 
-def val_transform(cfg) -> transforms.Compose:
-    return transforms.Compose([transforms.Resize(cfg.DATA.VAL_RESIZE), transforms.CenterCrop(cfg.DATA.IMAGE_SIZE),
-                               transforms.ToTensor(), transforms.Normalize(cfg.DATA.MEAN, cfg.DATA.STD)])
+def seeded(transform, image, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """``transform(image)`` with its randomness drawn from ``(seed, epoch, index)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return transform(image)
 
 
 def resolve_data_root(cfg) -> Path:
-    """``DATA.ROOT``, or ``$IMAGENET_ROOT`` when the config leaves it empty."""
-    root = cfg.DATA.ROOT or os.environ.get(DATA_ROOT_ENV, "")
+    """``DATA.ROOT``, or ``$IMAGENET_ROOT`` when the config leaves it empty (ImageFolder only)."""
+    fallback = os.environ.get(DATA_ROOT_ENV, "") if cfg.DATA.DATASET == "imagefolder" else ""
+    root = cfg.DATA.ROOT or fallback
     if not root:
-        raise ValueError(f"no dataset root: set DATA.ROOT in the config or ${DATA_ROOT_ENV}")
+        raise ValueError(f"no dataset root: set DATA.ROOT in the config (or ${DATA_ROOT_ENV} for an ImageFolder)")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset root {path} (DATA.ROOT / ${DATA_ROOT_ENV}) is not a folder")
+        raise FileNotFoundError(f"dataset root {path} (DATA.ROOT or ${DATA_ROOT_ENV}) is not a folder")
     return path
 
 
@@ -100,10 +132,45 @@ class RobustImageFolder(datasets.ImageFolder):
                 if replaced > self.max_retries:
                     raise RuntimeError(f"{replaced} unreadable images in a row, the last {path}") from error
                 index = (index + 1) % len(self.samples)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            image = self.transform(image)
-        return image, label, replaced
+        return seeded(self.transform, image, self.seed, self.epoch, index), label, replaced
+
+
+class CifarDataset(Dataset):
+    """A CIFAR split held in memory, with the ``(image, label, replaced)`` items and per-sample
+    seeding of ``RobustImageFolder`` (no file can be unreadable, so ``replaced`` is 0)."""
+
+    def __init__(self, split: CifarSplit, transform, seed: int):
+        self.images, self.targets, self.classes = split.images, split.labels, split.classes
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        return seeded(self.transform, image, self.seed, self.epoch, index), int(self.targets[index]), 0
+
+
+def build_dataset(cfg, train: bool, transform) -> RobustImageFolder | CifarDataset:
+    """The training or validation split named by ``DATA.DATASET``, checked against
+    ``MODEL.NUM_CLASSES``."""
+    if cfg.DATA.DATASET not in DATASETS:
+        raise ValueError(f"unknown DATA.DATASET {cfg.DATA.DATASET!r}; choose one of {DATASETS}")
+    root = resolve_data_root(cfg)
+    if cfg.DATA.DATASET == "imagefolder":
+        dataset = RobustImageFolder(root / (cfg.DATA.TRAIN_DIR if train else cfg.DATA.VAL_DIR), transform,
+                                    cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES)
+    else:
+        dataset = CifarDataset(read_cifar(root, cfg.DATA.DATASET, train), transform, cfg.SEED)
+    if len(dataset.classes) > cfg.MODEL.NUM_CLASSES:
+        raise ValueError(f"{root} has {len(dataset.classes)} classes but MODEL.NUM_CLASSES is "
+                         f"{cfg.MODEL.NUM_CLASSES}")
+    return dataset
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -167,10 +234,9 @@ def per_process_batch(total: int, world_size: int, what: str) -> int:
     return total // world_size
 
 
-def build_train_loader(cfg, pin_memory: bool) -> tuple[RobustImageFolder, ResumableDistributedSampler, DataLoader]:
+def build_train_loader(cfg, pin_memory: bool) -> tuple[Dataset, ResumableDistributedSampler, DataLoader]:
     rank, world_size = world()
-    dataset = RobustImageFolder(resolve_data_root(cfg) / cfg.DATA.TRAIN_DIR, train_transform(cfg),
-                                cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES)
+    dataset = build_dataset(cfg, True, train_transform(cfg))
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, cfg.SEED)
     batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size, "SOLVER.BATCH_SIZE")
     if sampler.per_replica < batch:
@@ -185,10 +251,10 @@ def iterations_per_epoch(dataset_size: int, cfg) -> int:
     return (dataset_size // world_size) // per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size, "SOLVER.BATCH_SIZE")
 
 
-def build_val_loader(cfg, pin_memory: bool) -> DataLoader:
+def build_val_loader(cfg, pin_memory: bool, normalize: bool = True) -> DataLoader:
+    """This process's share of the validation split (see ``val_transform`` for ``normalize``)."""
     rank, world_size = world()
-    dataset = RobustImageFolder(resolve_data_root(cfg) / cfg.DATA.VAL_DIR, val_transform(cfg),
-                                cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES)
+    dataset = build_dataset(cfg, False, val_transform(cfg, normalize))
     batch = max(1, math.ceil(cfg.TEST.BATCH_SIZE / world_size))
     return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), world_size, rank),
                       num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory)

@@ -19,12 +19,15 @@ import torch.multiprocessing as mp
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def default_argument_parser(description: str) -> argparse.ArgumentParser:
-    """The command line of Detectron2's tools (``default_argument_parser``), for ours."""
+def default_argument_parser(description: str, training: bool = True) -> argparse.ArgumentParser:
+    """The command line of Detectron2's tools (``default_argument_parser``), for ours; without
+    ``training``, for a tool that only evaluates (no ``--resume`` nor ``--eval-only``)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config YAML")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's last checkpoint")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS (or the last checkpoint)")
+    if training:
+        parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's last checkpoint")
+        parser.add_argument("--eval-only", action="store_true",
+                            help="only evaluate MODEL.WEIGHTS (or the last checkpoint)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU workers)")
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank")

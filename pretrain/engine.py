@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision
 from fvcore.common.param_scheduler import (CompositeParamScheduler, CosineParamScheduler,
                                            LinearParamScheduler, MultiStepParamScheduler, ParamScheduler)
 from torch.nn.parallel import DistributedDataParallel
@@ -26,16 +25,9 @@ from pretrain.export import load_resnet_state_dict
 from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
 from pretrain.losses import soft_target_cross_entropy
 from pretrain.mix import BatchMixer, build_mixer
+from pretrain.models import build_model
 
 logger = logging.getLogger(__name__)
-
-
-def build_model(cfg) -> torch.nn.Module:
-    """A torchvision ResNet with random weights (nothing is downloaded)."""
-    arch = cfg.MODEL.ARCH
-    if not arch.startswith("resnet") or not hasattr(torchvision.models, arch):
-        raise ValueError(f"MODEL.ARCH {arch!r} is not a torchvision ResNet (resnet18 ... resnet152)")
-    return getattr(torchvision.models, arch)(weights=None, num_classes=cfg.MODEL.NUM_CLASSES)
 
 
 def build_mixer_from_config(cfg, generator: torch.Generator) -> BatchMixer:
@@ -169,7 +161,8 @@ class PretrainTrainer:
     # ------------------------------------------------------------------------------ training
     def train(self) -> dict:
         """Train to ``SOLVER.MAX_ITER`` (or the end of ``SOLVER.EPOCHS``); the last evaluation."""
-        losses: list[tuple[int, torch.Tensor]] = []
+        losses: list[tuple[int, torch.Tensor]] = []  # since the last log line, with its wall and data-wait seconds
+        seconds = waited = 0.0
         result = {}
         while self.iteration < self.max_iterations:
             epoch, start = divmod(self.iteration, self.iterations_per_epoch)
@@ -178,9 +171,7 @@ class PretrainTrainer:
             self.network.train()
             progress = tqdm(total=self.iterations_per_epoch, initial=start, desc=f"epoch {epoch}",
                             disable=self.rank != 0, dynamic_ncols=True, leave=False)
-            window_start = time.perf_counter()
-            waited = 0.0
-            fetch_start = time.perf_counter()
+            tick = fetch_start = time.perf_counter()  # evaluation time is not training time
             for images, labels, replaced in self.loader:
                 waited += time.perf_counter() - fetch_start
                 losses.append((self.iteration, self._step(images, labels)))
@@ -189,10 +180,11 @@ class PretrainTrainer:
                 progress.update()
                 for hook in self.after_step:
                     hook(self)
+                now = time.perf_counter()
+                seconds, tick = seconds + now - tick, now
                 if self.iteration % self.cfg.LOG_PERIOD == 0:
-                    elapsed = time.perf_counter() - window_start
-                    self._log_window(losses, elapsed, waited, progress)
-                    losses, waited, window_start = [], 0.0, time.perf_counter()
+                    self._log_window(losses, seconds, waited, progress)
+                    losses, waited, seconds = [], 0.0, 0.0
                 period = self.cfg.CHECKPOINT.PERIOD
                 epoch_done = self.iteration % self.iterations_per_epoch == 0
                 if (period and self.iteration % period == 0) or epoch_done or self.iteration == self.max_iterations:
@@ -237,15 +229,20 @@ class PretrainTrainer:
             raise FloatingPointError(f"loss became {value} at iteration {first + 1}; training stopped. "
                                      f"Last good checkpoint: {previous}")
 
-    def _log_window(self, losses, elapsed: float, waited: float, progress) -> None:
+    def _log_window(self, losses, seconds: float, waited: float, progress) -> None:
+        """One metrics line for the iterations since the last: mean loss, lr, throughput, the
+        mean wait for data, and the window's iterations and wall seconds (what tools/cost_report.py
+        adds up)."""
         self._check_finite(losses)
         loss_sum, count, data_time = all_reduce_sum(
             [float(sum(float(loss) for _, loss in losses)), len(losses), waited], self.device)
-        images_per_second = len(losses) * self.cfg.SOLVER.BATCH_SIZE / max(elapsed, 1e-9)
+        images_per_second = len(losses) * self.cfg.SOLVER.BATCH_SIZE / max(seconds, 1e-9)
         values = dict(loss=loss_sum / count, lr=self.optimizer.param_groups[0]["lr"],
                       images_per_second=images_per_second,
                       data_time=data_time / self.world_size / max(len(losses), 1),
-                      epoch=self.iteration / self.iterations_per_epoch)
+                      epoch=self.iteration / self.iterations_per_epoch,
+                      iterations_per_epoch=self.iterations_per_epoch,
+                      window_iterations=len(losses), window_seconds=seconds)
         progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.4g}", ips=f"{images_per_second:.0f}")
         self.metrics.write(self.iteration, **values)
 

@@ -71,7 +71,7 @@ def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
     records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
-    assert {"lr", "images_per_second", "data_time"} <= set(records[0])
+    assert {"lr", "images_per_second", "data_time", "window_seconds", "window_iterations"} <= set(records[0])
     assert 0 <= result["top1_error"] <= 100 and result["val_images"] == CLASSES * VAL_PER_CLASS
     state = ckpt.load(ckpt.Checkpointer(tmp_path, 3).last())
     assert state["iteration"] == 2 and state["cfg"].count(f"NAME: {cfg.MIX.NAME}") == 1

@@ -1,0 +1,90 @@
+"""Training cost per method from pretraining run folders, as the paper's cost table gives it:
+wall time per epoch, and that time relative to training without mixing.
+
+A run's time comes from its ``metrics.json`` lines, each of which holds the wall seconds and the
+iterations of one logging window (evaluation excluded); a resumed run simply adds windows. The
+method and the setup come from the ``config.yaml`` that ``tools/pretrain.py`` writes.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from fvcore.common.config import CfgNode
+
+from pretrain.config import get_cfg
+
+BASELINE = "none"
+# Keys that must agree between runs for their times to be comparable.
+SETUP_KEYS = ("MODEL.ARCH", "DATA.DATASET", "DATA.IMAGE_SIZE", "SOLVER.BATCH_SIZE")
+# ImageNet ResNet-50 training time (hours) per method, as the paper reports it.
+PAPER_HOURS = {"none": 0.83, "cutout": 0.84, "mixup": 0.87, "cutmix": 0.89, "saliencymix": 0.91}
+
+
+@dataclass
+class RunCost:
+    run: Path
+    method: str
+    setup: dict
+    seconds_per_epoch: float
+    epochs_timed: float
+
+
+def method_label(cfg: CfgNode) -> str:
+    """The mixer's name, with the SaliencyMix box policy when it is not the paper's shared box."""
+    name = cfg.MIX.NAME.lower()
+    return f"{name} ({cfg.MIX.BOX} box)" if name == "saliencymix" and cfg.MIX.BOX != "batch" else name
+
+
+def read_run(run: Path) -> RunCost:
+    config, metrics = run / "config.yaml", run / "metrics.json"
+    for path in (config, metrics):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: {run} is not a tools/pretrain.py run folder")
+    cfg = get_cfg()
+    cfg.merge_from_file(str(config))
+    seconds = iterations = 0.0
+    per_epoch = None
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{metrics}:{number}: not a JSON line ({error})") from None
+        if "window_seconds" in record:
+            seconds += record["window_seconds"]
+            iterations += record["window_iterations"]
+            per_epoch = record["iterations_per_epoch"]
+    if not iterations:
+        raise ValueError(f"{metrics} has no timed training windows (window_seconds); "
+                         "train longer than LOG_PERIOD iterations")
+    setup = {key: cfg[key.split(".")[0]][key.split(".")[1]] for key in SETUP_KEYS}
+    return RunCost(run, method_label(cfg), setup, seconds / iterations * per_epoch, iterations / per_epoch)
+
+
+def cost_table(runs: list[RunCost]) -> list[dict]:
+    """One row per method (runs of a method averaged): seconds per epoch and the ratio to the
+    no-mixing baseline, beside the paper's ratio."""
+    if not runs:
+        raise ValueError("no runs given")
+    for key in SETUP_KEYS:
+        values = {str(run.setup[key]) for run in runs}
+        if len(values) > 1:
+            detail = ", ".join(f"{run.run}: {run.setup[key]}" for run in runs)
+            raise ValueError(f"the runs differ in {key} ({detail}); their times are not comparable")
+    by_method: dict[str, list[RunCost]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    if BASELINE not in by_method:
+        raise ValueError(f"no run without mixing (MIX.NAME {BASELINE}) among {[str(r.run) for r in runs]}: "
+                         "the cost is relative to it")
+    baseline = statistics.mean(run.seconds_per_epoch for run in by_method[BASELINE])
+    rows = []
+    for method, group in sorted(by_method.items(), key=lambda item: (item[0] != BASELINE, item[0])):
+        seconds = statistics.mean(run.seconds_per_epoch for run in group)
+        paper = PAPER_HOURS.get(method)
+        rows.append({"method": method, "runs": len(group), "epochs_timed": sum(run.epochs_timed for run in group),
+                     "seconds_per_epoch": seconds, "relative": seconds / baseline,
+                     "paper_relative": paper / PAPER_HOURS[BASELINE] if paper else None})
+    return rows

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Top-1 accuracy of a pretrained classifier on the validation set, clean and under an FGSM attack.
+
+    python tools/eval_robustness.py --config-file output/pretrain/r50_saliencymix/config.yaml
+    python tools/eval_robustness.py --config-file RUN/config.yaml --epsilon 4 MODEL.WEIGHTS RUN/model_best.pth
+    python tools/eval_robustness.py --config-file RUN/config.yaml --num-gpus 8
+
+The weights are MODEL.WEIGHTS, or else the run folder's newest checkpoint. ``--epsilon`` is in
+pixel units of the 0-255 image (default 8, i.e. 8/255); the perturbation is applied to the image
+before normalisation and clipped to the valid range. The result is written beside the weights as
+``<weights>_fgsm_eps<epsilon>.json`` and printed, with the paper's figure for the method.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.atomic_file import atomic_write  # noqa: E402
+from pretrain.checkpoint import weights_to_evaluate  # noqa: E402
+from pretrain.config import setup_cfg  # noqa: E402
+from pretrain.data import build_val_loader, world  # noqa: E402
+from pretrain.distributed import default_argument_parser, launch, local_device  # noqa: E402
+from pretrain.export import load_resnet_state_dict  # noqa: E402
+from pretrain.models import build_model  # noqa: E402
+from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm  # noqa: E402
+
+DEFAULT_EPSILON = 8.0
+
+
+def result_path(weights: Path, epsilon: float) -> Path:
+    return weights.with_name(f"{weights.stem}_fgsm_eps{epsilon:g}.json")
+
+
+def main(args) -> dict:
+    cfg = setup_cfg(args.config_file, args.opts)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    weights = weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
+    device = local_device()
+    model = build_model(cfg)
+    model.load_state_dict(load_resnet_state_dict(weights).state)
+    model = Normalized(model, cfg.DATA.MEAN, cfg.DATA.STD).to(device)
+    loader = build_val_loader(cfg, pin_memory=device.type == "cuda", normalize=False)
+    result = {"weights": str(weights), "method": cfg.MIX.NAME, "arch": cfg.MODEL.ARCH,
+              "dataset": cfg.DATA.DATASET, **evaluate_fgsm(model, loader, args.epsilon, device)}
+    if world()[0] == 0:
+        output = result_path(weights, args.epsilon)
+        atomic_write(output, lambda stream: stream.write((json.dumps(result, indent=2) + "\n").encode()))
+        print(f"{cfg.MIX.NAME} {cfg.MODEL.ARCH} on {result['images']} images: top-1 accuracy "
+              f"{result['clean_top1_accuracy']:.2f}% clean, {result['fgsm_top1_accuracy']:.2f}% under FGSM "
+              f"(epsilon {args.epsilon:g}/255)")
+        if cfg.DATA.DATASET == "imagefolder" and cfg.MIX.NAME in PAPER_FGSM_ACCURACY:
+            print(f"the paper (ImageNet, ResNet-50): {PAPER_FGSM_ACCURACY[cfg.MIX.NAME]}% under FGSM")
+        print(f"wrote {output}")
+    return result
+
+
+if __name__ == "__main__":
+    parser = default_argument_parser(__doc__, training=False)
+    parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
+                        help="the attack's step in pixel units of the 0-255 image (default 8)")
+    arguments = parser.parse_args()
+    launch(main, (arguments,), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
+           machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)
