@@ -15,8 +15,9 @@ TORCHVISION_PIXEL_STD = (58.395, 57.120, 57.375)
 
 
 def add_transfer_config(cfg: CN) -> CN:
-    """The keys of this project, on top of Detectron2's."""
-    cfg.TRANSFER = CN()
+    """The keys of this project, on top of Detectron2's. The new node has ``cfg``'s own class:
+    a YAML ``TRANSFER:`` section merges only into a node of the class it is loaded as."""
+    cfg.TRANSFER = type(cfg)()
     cfg.TRANSFER.METHOD = ""  # how MODEL.WEIGHTS was pretrained (none, saliencymix, ...): for tools/compare.py
     cfg.TRANSFER.VOC_ROOT = ""  # a VOC-format tree of your own; empty: Detectron2's built-in VOC names
     cfg.TRANSFER.DATASET_NAME = "custom_voc"  # its splits are registered as <DATASET_NAME>_<split>

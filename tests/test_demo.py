@@ -4,13 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from detection import records
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_demo(output: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools/demo.py"), "--scale", "tiny", "--engine", "torchvision",
+def run_demo(output: Path, engine: str = "torchvision") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools/demo.py"), "--scale", "tiny", "--engine", engine,
                            "--output", str(output)], capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
@@ -30,3 +32,14 @@ def test_demo_runs_every_stage_then_skips_them_when_run_again(tmp_path):
     again = run_demo(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done already") == 7  # every stage but the comparison is skipped
+
+
+def test_demo_runs_with_detectron2_when_installed(tmp_path):
+    pytest.importorskip("detectron2")
+    finished = run_demo(tmp_path, engine="detectron2")
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    for method in ("none", "saliencymix"):
+        assert (tmp_path / f"pretrain_{method}" / "backbone.pkl").is_file()
+        run = records.read_run(tmp_path / f"detect_{method}")
+        assert run["info"]["method"] == method and run["info"]["engine"] == "detectron2"
+    assert (tmp_path / "comparison.png").is_file()

@@ -122,3 +122,14 @@ def test_unknown_dataset_name_is_named(exported, tmp_path):
     run = train_net("--engine", "torchvision", "--config-file", str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
                     *overrides(exported["voc"], tmp_path, exported["pth"]), "DATASETS.TEST", "('coco_2017_val',)")
     assert run.returncode != 0 and "unknown dataset 'coco_2017_val'" in run.stderr
+
+
+@pytest.mark.parametrize("engine", ["detectron2", "torchvision"])
+def test_a_yaml_transfer_section_merges_into_either_engines_config(engine):
+    if engine == "detectron2":
+        pytest.importorskip("detectron2")
+    from detection.config import get_detection_cfg
+
+    cfg = get_detection_cfg(engine)
+    cfg.merge_from_file(str(REPO / "configs/demo/detection.yaml"))
+    assert cfg.TRANSFER.DATASET_NAME == "demo_voc" and len(cfg.TRANSFER.CLASS_NAMES) == 5
