@@ -16,7 +16,7 @@ def run_demo(output: Path, engine: str = "torchvision") -> subprocess.CompletedP
                            "--output", str(output)], capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
-def test_demo_runs_every_stage_then_skips_them_when_run_again(tmp_path):
+def test_demo_runs_every_stage_then_skips_or_resumes_them_when_run_again(tmp_path):
     first = run_demo(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for method in ("none", "saliencymix"):
@@ -32,6 +32,14 @@ def test_demo_runs_every_stage_then_skips_them_when_run_again(tmp_path):
     again = run_demo(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done already") == 7  # every stage but the comparison is skipped
+
+    interrupted = tmp_path / "pretrain_saliencymix"
+    (interrupted / "model_final.pth").unlink()  # as if killed after its last periodic checkpoint
+    resumed = run_demo(tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "pretrain ResNet-50, mixing: saliencymix (resuming)" in resumed.stdout
+    assert f"resumed from {interrupted / 'checkpoint_'}" in resumed.stdout
+    assert (interrupted / "model_final.pth").is_file() and resumed.stdout.count("done already") == 6
 
 
 def test_demo_runs_with_detectron2_when_installed(tmp_path):
