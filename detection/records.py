@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pretrain.atomic_file import atomic_write
+from pretrain.atomic_file import atomic_write_json
 
 RUN_INFO = "run_info.json"
 EVAL_RESULTS = "eval_results.json"
@@ -13,22 +13,18 @@ EVAL_RESULTS = "eval_results.json"
 PROTOCOL_KEYS = ("engine", "train_datasets", "test_datasets", "max_iter", "steps", "ims_per_batch", "base_lr")
 
 
-def _write_json(path: Path, value: dict) -> None:
-    atomic_write(path, lambda stream: stream.write((json.dumps(value, indent=2) + "\n").encode()))
-
-
 def write_run_info(output_dir: str | Path, cfg, engine: str) -> dict:
     info = {"method": cfg.TRANSFER.METHOD or "unknown", "weights": cfg.MODEL.WEIGHTS, "engine": engine,
             "train_datasets": list(cfg.DATASETS.TRAIN), "test_datasets": list(cfg.DATASETS.TEST),
             "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
             "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR, "seed": cfg.SEED}
-    _write_json(Path(output_dir) / RUN_INFO, info)
+    atomic_write_json(Path(output_dir) / RUN_INFO, info)
     return info
 
 
 def write_eval_results(output_dir: str | Path, results: dict, iteration: int) -> None:
     """``results`` as the evaluator returns them: ``{"bbox": {"AP", "AP50", "AP75"}, ...}``."""
-    _write_json(Path(output_dir) / EVAL_RESULTS, {"iteration": iteration, **results})
+    atomic_write_json(Path(output_dir) / EVAL_RESULTS, {"iteration": iteration, **results})
 
 
 def read_run(output_dir: str | Path) -> dict:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from detection.records import EVAL_RESULTS, PROTOCOL_KEYS, RUN_INFO, read_run
-from pretrain.atomic_file import atomic_write
+from pretrain.atomic_file import atomic_write, atomic_write_json
 
 METRICS = ("AP", "AP50", "AP75")
 CHART_METRIC = "AP50"
@@ -303,10 +303,6 @@ def write_csv(report: dict, path: Path) -> None:
     atomic_write(path, lambda stream: stream.write(text.getvalue().encode()))
 
 
-def write_json(report: dict, path: Path) -> None:
-    atomic_write(path, lambda stream: stream.write((json.dumps(report, indent=2) + "\n").encode()))
-
-
 def write_chart(report: dict, path: Path) -> None:
     """Bar chart of mean AP50 per method with std error bars and each trial as a dot beside; the
     baseline grey and hatched with a dashed line at its mean, every other bar labelled with its
@@ -352,6 +348,6 @@ def write_report(report: dict, output_dir: str | os.PathLike) -> dict[str, Path]
     """``comparison.csv``, ``.json`` and ``.png`` in ``output_dir``, each written atomically."""
     paths = {kind: Path(output_dir) / name for kind, name in OUTPUT_NAMES.items()}
     write_csv(report, paths["csv"])
-    write_json(report, paths["json"])
+    atomic_write_json(paths["json"], report)
     write_chart(report, paths["png"])
     return paths

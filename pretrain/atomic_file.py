@@ -1,6 +1,7 @@
-"""Files that are either written whole or not at all (checkpoints, exported weights)."""
+"""Files that are either written whole or not at all (checkpoints, exported weights, results)."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Callable
@@ -25,3 +26,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, value) -> None:
+    """``value`` as indented JSON, written atomically."""
+    atomic_write(path, lambda stream: stream.write((json.dumps(value, indent=2) + "\n").encode()))

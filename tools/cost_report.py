@@ -11,13 +11,12 @@ share the model, dataset, image size and batch size. The paper's ratios are prin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.atomic_file import atomic_write  # noqa: E402
+from pretrain.atomic_file import atomic_write_json  # noqa: E402
 from pretrain.cost import cost_table, read_run  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {error}") from None
     print(format_table(rows))
     if args.output:
-        atomic_write(args.output, lambda stream: stream.write((json.dumps(rows, indent=2) + "\n").encode()))
+        atomic_write_json(args.output, rows)
         print(f"wrote {args.output}")
     return rows
 

@@ -12,14 +12,13 @@ before normalisation and clipped to the valid range. The result is written besid
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.atomic_file import atomic_write  # noqa: E402
+from pretrain.atomic_file import atomic_write_json  # noqa: E402
 from pretrain.checkpoint import weights_to_evaluate  # noqa: E402
 from pretrain.config import setup_cfg  # noqa: E402
 from pretrain.data import build_val_loader, world  # noqa: E402
@@ -48,7 +47,7 @@ def main(args) -> dict:
               "dataset": cfg.DATA.DATASET, **evaluate_fgsm(model, loader, args.epsilon, device)}
     if world()[0] == 0:
         output = result_path(weights, args.epsilon)
-        atomic_write(output, lambda stream: stream.write((json.dumps(result, indent=2) + "\n").encode()))
+        atomic_write_json(output, result)
         print(f"{cfg.MIX.NAME} {cfg.MODEL.ARCH} on {result['images']} images: top-1 accuracy "
               f"{result['clean_top1_accuracy']:.2f}% clean, {result['fgsm_top1_accuracy']:.2f}% under FGSM "
               f"(epsilon {args.epsilon:g}/255)")
