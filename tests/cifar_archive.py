@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.cifar import LAYOUTS
+from pretrain.config import get_cfg
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml"
 
 # One saturated colour per class (RGB) for the square that carries the label.
 COLOURS = ((230, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30), (200, 40, 200))
@@ -59,3 +62,11 @@ def write_cifar(root: Path, dataset: str = "cifar10", train: int = 60, test: int
 
 def write_pickle(path: Path, value: object) -> None:
     path.write_bytes(pickle.dumps(value, protocol=2))
+
+
+def cifar_cfg(root: Path, output: Path, *overrides: str):
+    """The paper's CIFAR-10 recipe reading ``root`` and writing to ``output``, with ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    cfg.merge_from_file(str(RECIPE))
+    cfg.merge_from_list(["DATA.ROOT", str(root), "OUTPUT_DIR", str(output), "DATA.NUM_WORKERS", "0", *overrides])
+    return cfg

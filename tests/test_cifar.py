@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_archive import COLOURS, write_cifar, write_pickle
-from pretrain.cifar import CifarFormatError, read_cifar
+from cifar_archive import COLOURS, cifar_cfg, write_cifar, write_pickle
+from pretrain.cifar import LAYOUTS, CifarFormatError, read_cifar
 from pretrain.config import get_cfg
 from pretrain.engine import PretrainTrainer
 from pretrain.models import WideResNet, build_model
@@ -25,16 +25,12 @@ CIFAR_CONFIGS = sorted((REPO / "configs" / "pretrain" / "cifar").glob("cifar*.ya
 def test_reader_gives_the_same_split_from_the_folder_and_the_archive(tmp_path, dataset):
     folder = write_cifar(tmp_path / "folder", dataset, train=23, test=7, seed=3)
     packed = write_cifar(tmp_path / "packed", dataset, train=23, test=7, seed=3, archive=True)
-    assert not (packed / read_layout_folder(dataset)).exists()
+    assert not (packed / LAYOUTS[dataset].folder).exists()
     for train, count in ((True, 23), (False, 7)):
         plain, unpacked = read_cifar(folder, dataset, train), read_cifar(packed, dataset, train)
         assert plain.images.shape == (count, 32, 32, 3) and plain.images.dtype == np.uint8
         assert np.array_equal(plain.images, unpacked.images) and np.array_equal(plain.labels, unpacked.labels)
         assert len(plain.classes) == (10 if dataset == "cifar10" else 100)
-
-
-def read_layout_folder(dataset: str) -> str:
-    return "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
 
 
 def test_reader_puts_the_red_green_and_blue_planes_in_the_channels(tmp_path):
@@ -116,11 +112,8 @@ def test_wide_resnet_rejects_impossible_depths():
 @pytest.mark.parametrize("arch,method", [("resnet18", "saliencymix"), ("wideresnet10_1", "none")])
 def test_cifar_config_trains_and_evaluates(tmp_path, arch, method):
     root = write_cifar(tmp_path / "data", train=48, test=16, archive=True)
-    cfg = get_cfg()
-    cfg.merge_from_file(str(REPO / "configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml"))
-    cfg.merge_from_list(["DATA.ROOT", str(root), "OUTPUT_DIR", str(tmp_path / "run"), "MODEL.ARCH", arch,
-                         "MIX.NAME", method, "MIX.PROB", "1.0", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "2",
-                         "SOLVER.STEP_EPOCHS", "(1,)", "DATA.NUM_WORKERS", "0", "LOG_PERIOD", "1"])
+    cfg = cifar_cfg(root, tmp_path / "run", "MODEL.ARCH", arch, "MIX.NAME", method, "MIX.PROB", "1.0",
+                    "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "2", "SOLVER.STEP_EPOCHS", "(1,)", "LOG_PERIOD", "1")
     result = PretrainTrainer(cfg).train()
     assert result["val_images"] == 16 and 0 <= result["top1_error"] <= 100
     assert math.isfinite(result["top1_error"])
@@ -128,9 +121,6 @@ def test_cifar_config_trains_and_evaluates(tmp_path, arch, method):
 
 def test_too_few_classes_in_the_config_is_an_error(tmp_path):
     root = write_cifar(tmp_path / "data")
-    cfg = get_cfg()
-    cfg.merge_from_file(str(REPO / "configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml"))
-    cfg.merge_from_list(["DATA.ROOT", str(root), "OUTPUT_DIR", str(tmp_path / "run"), "MODEL.NUM_CLASSES", "5",
-                         "DATA.NUM_WORKERS", "0"])
+    cfg = cifar_cfg(root, tmp_path / "run", "MODEL.NUM_CLASSES", "5")
     with pytest.raises(ValueError, match="has 10 classes but MODEL.NUM_CLASSES is 5"):
         PretrainTrainer(cfg)

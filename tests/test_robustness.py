@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_archive import write_cifar
-from pretrain.config import get_cfg
+from cifar_archive import cifar_cfg, write_cifar
 from pretrain.engine import PretrainTrainer
 from pretrain.robustness import Normalized, evaluate_fgsm, fgsm
 
@@ -45,22 +44,23 @@ def trained_run(tmp_path_factory) -> Path:
     """A WideResNet-10-2 trained to tell five faintly coloured squares apart; its run folder."""
     folder = tmp_path_factory.mktemp("robustness")
     root = write_cifar(folder / "data", train=300, test=100, classes=5, contrast=0.15)
-    cfg = get_cfg()
-    cfg.merge_from_file(str(REPO / "configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml"))
-    cfg.merge_from_list(["DATA.ROOT", str(root), "OUTPUT_DIR", str(folder / "run"), "MIX.NAME", "none",
-                         "MODEL.ARCH", "wideresnet10_2", "SOLVER.BATCH_SIZE", "30", "SOLVER.EPOCHS", "8",
-                         "SOLVER.STEP_EPOCHS", "(6,)", "SOLVER.BASE_LR", "0.2", "DATA.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0"])
+    cfg = cifar_cfg(root, folder / "run", "MIX.NAME", "none", "MODEL.ARCH", "wideresnet10_2",
+                    "SOLVER.BATCH_SIZE", "30", "SOLVER.EPOCHS", "8", "SOLVER.STEP_EPOCHS", "(6,)",
+                    "SOLVER.BASE_LR", "0.2", "TEST.EVAL_PERIOD", "0")
     PretrainTrainer(cfg).train()
     (folder / "run" / "config.yaml").write_text(cfg.dump())
     return folder / "run"
 
 
-def evaluate(run: Path, *arguments: str) -> dict:
+def eval_robustness(run: Path, *arguments: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "tools/eval_robustness.py"), "--config-file", str(run / "config.yaml"),
                *arguments]
-    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def evaluate(run: Path, *arguments: str) -> None:
+    finished = eval_robustness(run, *arguments)
     assert finished.returncode == 0, finished.stderr
-    return finished
 
 
 def test_fgsm_lowers_the_accuracy_of_a_trained_model_and_epsilon_0_does_not(trained_run):
@@ -77,7 +77,5 @@ def test_fgsm_lowers_the_accuracy_of_a_trained_model_and_epsilon_0_does_not(trai
 
 
 def test_eval_robustness_names_missing_weights(trained_run):
-    command = [sys.executable, str(REPO / "tools/eval_robustness.py"), "--config-file",
-               str(trained_run / "config.yaml"), "MODEL.WEIGHTS", str(trained_run / "nothing.pth")]
-    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    finished = eval_robustness(trained_run, "MODEL.WEIGHTS", str(trained_run / "nothing.pth"))
     assert finished.returncode != 0 and "MODEL.WEIGHTS" in finished.stderr and "nothing.pth" in finished.stderr
