@@ -1,0 +1,140 @@
+"""Study configuration: which arms to pretrain, how to transfer them, and where each kind of stage
+runs. An fvcore ``CfgNode`` like every other config here (YAML files chain with ``_BASE_``,
+command-line ``KEY VALUE`` pairs override them).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fvcore.common.config import CfgNode as CN
+
+from study_runner.paper import PAPER_TABLES
+
+PAPER_METHODS = ("none", "cutout", "mixup", "cutmix", "saliencymix")
+# Each kind of stage has its own resources (one SLURM job per stage; the local executor uses
+# GPUS_PER_NODE as --num-gpus).
+STAGE_KINDS = ("pretrain", "export", "robustness", "detect", "report")
+ENGINES = ("auto", "detectron2", "torchvision")
+
+
+def resources(nodes: int, gpus_per_node: int, cpus_per_node: int, mem_gb: int, time_minutes: int) -> CN:
+    node = CN()
+    node.NODES = nodes
+    node.GPUS_PER_NODE = gpus_per_node  # --num-gpus of the tool; 0: one CPU process per node
+    node.CPUS_PER_NODE = cpus_per_node
+    node.MEM_GB = mem_gb  # per node
+    node.TIME_MINUTES = time_minutes  # SLURM time limit; a job that reaches it is requeued and resumes
+    node.PARTITION = ""
+    node.ACCOUNT = ""
+    node.QOS = ""
+    node.SBATCH = []  # extra sbatch parameters as "key=value" (e.g. "constraint=a100"), or "flag"
+    return node
+
+
+def get_study_cfg() -> CN:
+    """The paper's study (ResNet-50, five arms, VOC with 5 trials) on 8-GPU nodes."""
+    cfg = CN()
+    cfg.OUTPUT_DIR = "output/study"
+
+    cfg.STUDY = CN()
+    cfg.STUDY.METHODS = list(PAPER_METHODS)  # arm names; each has a pretraining config (below)
+    cfg.STUDY.BASELINE = "none"  # the arm gains and costs are measured against
+    cfg.STUDY.PAPER = "imagenet_resnet50"  # the published figures set beside ours: one of study.paper.PAPER_TABLES, or ""
+    cfg.STUDY.NOTE = ""  # a line at the top of the report (what this study is, how to read it)
+
+    cfg.PRETRAIN = CN()
+    cfg.PRETRAIN.CONFIG = "configs/pretrain/r50_{method}.yaml"  # {method}: the arm name
+    cfg.PRETRAIN.DATA_ROOT = ""  # DATA.ROOT of every pretraining; empty: the configs' own
+    cfg.PRETRAIN.OPTS = []  # KEY VALUE overrides for every pretraining
+
+    cfg.DETECT = CN()
+    cfg.DETECT.ENABLED = True
+    cfg.DETECT.CONFIG = "configs/detection/faster_rcnn_R50_C4_voc.yaml"
+    cfg.DETECT.ENGINE = "detectron2"  # detectron2 | torchvision | auto (Detectron2 when installed)
+    cfg.DETECT.SEEDS = [0, 1, 2, 3, 4]  # one trial per seed
+    cfg.DETECT.OPTS = []  # KEY VALUE overrides for every fine-tuning
+
+    cfg.ROBUSTNESS = CN()
+    cfg.ROBUSTNESS.ENABLED = True
+    cfg.ROBUSTNESS.EPSILON = 8.0  # FGSM step in pixel units of the 0-255 image
+
+    cfg.COST = CN()
+    cfg.COST.ENABLED = True
+
+    cfg.RESOURCES = CN()
+    cfg.RESOURCES.PRETRAIN = resources(1, 8, 64, 480, 24 * 60)
+    cfg.RESOURCES.EXPORT = resources(1, 0, 4, 32, 30)
+    cfg.RESOURCES.ROBUSTNESS = resources(1, 1, 10, 64, 4 * 60)
+    cfg.RESOURCES.DETECT = resources(1, 8, 64, 480, 12 * 60)
+    cfg.RESOURCES.REPORT = resources(1, 0, 2, 8, 30)  # the comparison, the cost report, the study report
+    return cfg
+
+
+class StudyConfigError(ValueError):
+    """A study config that cannot run; the message names the key and what is allowed."""
+
+
+def load_study_cfg(config_file: str | Path, opts: list[str]) -> CN:
+    """The defaults merged with ``config_file`` and ``KEY VALUE`` overrides, checked, with every
+    path made absolute (relative paths are taken from the current folder), frozen."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise StudyConfigError(f"config file {path} does not exist")
+    if len(opts) % 2:
+        raise StudyConfigError(f"config overrides come in KEY VALUE pairs, got {opts}")
+    cfg = get_study_cfg()
+    try:
+        cfg.merge_from_file(str(path))
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, TypeError) as error:
+        raise StudyConfigError(f"{path}: {error}") from None
+    check(cfg)
+    cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR).resolve())
+    for key, template in (("PRETRAIN", cfg.PRETRAIN.CONFIG), ("DETECT", cfg.DETECT.CONFIG)):
+        cfg[key].CONFIG = str(Path(template).resolve())
+    if cfg.PRETRAIN.DATA_ROOT:
+        cfg.PRETRAIN.DATA_ROOT = str(Path(cfg.PRETRAIN.DATA_ROOT).resolve())
+    cfg.freeze()
+    return cfg
+
+
+def check(cfg: CN) -> None:
+    methods = list(cfg.STUDY.METHODS)
+    if not methods:
+        raise StudyConfigError("STUDY.METHODS is empty: name at least one arm")
+    if len(set(methods)) != len(methods):
+        raise StudyConfigError(f"STUDY.METHODS names an arm twice: {methods}")
+    for method in methods:
+        if not method or "/" in method or method.startswith("."):
+            raise StudyConfigError(f"STUDY.METHODS: {method!r} is not a usable folder name")
+    if cfg.STUDY.BASELINE not in methods:
+        raise StudyConfigError(f"STUDY.BASELINE {cfg.STUDY.BASELINE!r} is not among STUDY.METHODS {methods}")
+    if cfg.STUDY.PAPER and cfg.STUDY.PAPER not in PAPER_TABLES:
+        raise StudyConfigError(f"STUDY.PAPER {cfg.STUDY.PAPER!r} is unknown; choose one of "
+                               f"{sorted(PAPER_TABLES)} or ''")
+    if "{method}" not in cfg.PRETRAIN.CONFIG and len(methods) > 1:
+        raise StudyConfigError(f"PRETRAIN.CONFIG {cfg.PRETRAIN.CONFIG!r} has no {{method}}: every arm "
+                               "would train the same config")
+    for method in methods:
+        config = Path(cfg.PRETRAIN.CONFIG.format(method=method))
+        if not config.is_file():
+            raise StudyConfigError(f"PRETRAIN.CONFIG: {config} (arm {method!r}) does not exist")
+    if cfg.DETECT.ENABLED:
+        if not Path(cfg.DETECT.CONFIG).is_file():
+            raise StudyConfigError(f"DETECT.CONFIG: {cfg.DETECT.CONFIG} does not exist")
+        if cfg.DETECT.ENGINE not in ENGINES:
+            raise StudyConfigError(f"DETECT.ENGINE {cfg.DETECT.ENGINE!r} is unknown; choose one of {ENGINES}")
+        if not cfg.DETECT.SEEDS:
+            raise StudyConfigError("DETECT.SEEDS is empty: give one seed per trial, or DETECT.ENABLED False")
+    for key in ("PRETRAIN.OPTS", "DETECT.OPTS"):
+        section, name = key.split(".")
+        if len(cfg[section][name]) % 2:
+            raise StudyConfigError(f"{key} must hold KEY VALUE pairs, got {list(cfg[section][name])}")
+    for kind in STAGE_KINDS:
+        node = cfg.RESOURCES[kind.upper()]
+        for name in ("NODES", "CPUS_PER_NODE", "MEM_GB", "TIME_MINUTES"):
+            if node[name] < 1:
+                raise StudyConfigError(f"RESOURCES.{kind.upper()}.{name} must be at least 1, got {node[name]}")
+        if node.GPUS_PER_NODE < 0:
+            raise StudyConfigError(f"RESOURCES.{kind.upper()}.GPUS_PER_NODE must be 0 or more, "
+                                   f"got {node.GPUS_PER_NODE}")

@@ -1,0 +1,93 @@
+"""Running one stage: its tool as a child process (with ``--resume`` when its run folder holds a
+checkpoint), output appended to the stage's log, and the attempt written to its record. The
+same code runs under both executors: in the study runner's process (local) or inside a SLURM job.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from study_runner import records
+from study_runner.stages import REPO, Stage
+
+STOP_GRACE_SECONDS = 30
+
+
+def _child_setup() -> None:
+    """In the child, before the tool starts: ignore SIGUSR2, SLURM's early warning of a time
+    limit or preemption, which is the job's to act on (it requeues the job; the tool keeps
+    training until the job ends and resumes from its checkpoint)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """End the tool and every process it started (its own process group)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signum)
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def run_command(argv: list[str], log: Path, echo: bool, on_start=None) -> int:
+    """Run ``argv`` from the repository root, appending its output to ``log`` (and to our
+    stdout with ``echo``). Any exception here (a signal's handler included) ends the tool."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as stream:
+        stream.write(f"\n==== {records.now()} on {socket.gethostname()}\n$ {shlex.join(argv)}\n".encode())
+        stream.flush()
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                                   start_new_session=True, preexec_fn=_child_setup)
+        try:
+            if on_start:
+                on_start(process)
+            for chunk in iter(lambda: process.stdout.read1(65536), b""):
+                stream.write(chunk)
+                stream.flush()
+                if echo:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
+            return process.wait()
+        finally:
+            stop(process)
+
+
+def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str | None = None,
+              machines: tuple[int, int, str] | None = None, on_start=None) -> int:
+    """One attempt at ``stage``; returns the tool's exit status. On a multi-node job every
+    node runs this; only node 0 (``machines[1] == 0``) keeps the record and the main log."""
+    resume = stage.resumable_now()
+    argv = stage.argv(resume, machines)
+    node = machines[1] if machines else 0
+    log = records.log_path(output, stage.name if node == 0 else f"{stage.name}.node{node}")
+    recording = node == 0
+    previous = records.read_record(output, stage.name) if recording else {}
+    if recording:
+        records.update_record(output, stage.name, kind=stage.kind, command=argv, executor=executor, job_id=job_id,
+                              host=socket.gethostname(), pid=os.getpid(), started_at=records.now(), ended_at=None,
+                              exit_status=None, interrupted=None, resumed=resume, log=str(log),
+                              attempts=previous.get("attempts", 0) + 1)
+    start = time.monotonic()
+    total = previous.get("wall_seconds", 0.0)
+    try:
+        status = run_command(argv, log, echo, on_start)
+    except BaseException as error:  # a signal's handler (Ctrl-C, SLURM's requeue) stopped us
+        if recording:
+            records.update_record(output, stage.name, ended_at=records.now(), interrupted=type(error).__name__,
+                                  wall_seconds=total + time.monotonic() - start)
+        raise
+    if recording:
+        records.update_record(output, stage.name, ended_at=records.now(), exit_status=status,
+                              wall_seconds=total + time.monotonic() - start)
+    return status

@@ -1,0 +1,202 @@
+"""The study report: one table per measurement, each arm's figure beside the paper's, read from
+whatever the study folder holds so far (a figure not measured yet is missing, never zero):
+
+- ImageNet (or CIFAR) top-1 / top-5 error of the finished pretrainings;
+- VOC AP50 / AP / AP75, mean ± std over the finished trials, and the gain over the baseline
+  with its 95% Welch interval (the statistics of ``tools/compare.py``);
+- top-1 accuracy under FGSM at the configured epsilon;
+- training time per epoch relative to the baseline (the figures of ``tools/cost_report.py``).
+
+Written as ``study_report.md``, ``study_report.json`` and one bar chart per table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fvcore.common.config import CfgNode
+
+from detection.report import compare_runs, format_gain, format_mean_std, load_runs
+from pretrain.atomic_file import atomic_write, atomic_write_json
+from pretrain.cost import cost_table, read_run
+from study_runner.paper import PAPER_TABLES, PaperTable
+from study_runner.stages import REPORT_JSON, fgsm_result, pretrain_dir
+
+MISSING = "missing"
+REPORT_MARKDOWN = "study_report.md"
+
+
+def final_evaluation(run: Path) -> dict | None:
+    """The last evaluation a finished pretraining logged (``metrics.json``), or None."""
+    metrics = run / "metrics.json"
+    if not (run / "model_final.pth").is_file() or not metrics.is_file():
+        return None
+    evaluations = [record for record in map(json.loads, metrics.read_text().splitlines()) if "top1_error" in record]
+    return evaluations[-1] if evaluations else None
+
+
+def row(method: str, ours: float | None, paper: float | None, **columns) -> dict:
+    return {"method": method, "ours": ours, "paper": paper, **columns}
+
+
+def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+    rows = []
+    for method in cfg.STUDY.METHODS:
+        result = final_evaluation(pretrain_dir(cfg, method)) or {}
+        rows.append(row(method, result.get("top1_error"), paper and paper.top1_error.get(method),
+                        top5_ours=result.get("top5_error"), top5_paper=paper and paper.top5_error.get(method)))
+    return {"name": "classification", "title": "Classification top-1 error (%), lower is better",
+            "value": "top-1 error (%)", "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5"},
+            "rows": rows}
+
+
+def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+    finished = sorted(result.parent for method in cfg.STUDY.METHODS
+                      for result in (Path(cfg.OUTPUT_DIR) / "detect" / method).glob("trial_*/eval_results.json"))
+    summaries = {}
+    if finished:
+        runs = load_runs(finished)
+        methods_run = sorted({run["info"]["method"] for run in runs})
+        has_baseline = cfg.STUDY.BASELINE in methods_run
+        summaries = compare_runs(runs, cfg.STUDY.BASELINE if has_baseline else methods_run[0])["methods"]
+        if not has_baseline:  # no gain without the baseline's trials
+            summaries = {method: {**summary, "gain": None} for method, summary in summaries.items()}
+    baseline_paper = paper and paper.voc_ap50.get(cfg.STUDY.BASELINE)
+    rows = []
+    for method in cfg.STUDY.METHODS:
+        summary = summaries.get(method)
+        paper_value = paper and paper.voc_ap50.get(method)
+        gain = summary["gain"]["AP50"] if summary and summary["gain"] else None
+        rows.append(row(
+            method, summary and summary["mean"]["AP50"], paper_value,
+            trials=f"{summary['trials'] if summary else 0}/{len(cfg.DETECT.SEEDS)}",
+            ap50=summary and format_mean_std(summary["mean"]["AP50"], summary["std"]["AP50"]),
+            ap=summary and format_mean_std(summary["mean"]["AP"], summary["std"]["AP"]),
+            ap75=summary and format_mean_std(summary["mean"]["AP75"], summary["std"]["AP75"]),
+            gain="baseline" if method == cfg.STUDY.BASELINE else format_gain(gain) if gain else None,
+            paper_gain=(f"{paper_value - baseline_paper:+.2f}" if paper_value is not None and baseline_paper
+                        is not None and method != cfg.STUDY.BASELINE else None)))
+    return {"name": "detection", "title": "VOC detection AP50 (%), mean over trials, higher is better",
+            "value": "AP50", "columns": {"trials": "trials", "ap50": "AP50 mean ± std", "ap": "AP", "ap75": "AP75",
+                                         "gain": "gain AP50 [95% CI]", "paper_gain": "paper gain"},
+            "rows": rows}
+
+
+def robustness_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+    rows = []
+    for method in cfg.STUDY.METHODS:
+        path = fgsm_result(cfg, method)
+        result = json.loads(path.read_text()) if path.is_file() else {}
+        rows.append(row(method, result.get("fgsm_top1_accuracy"), paper and paper.fgsm_accuracy.get(method),
+                        clean=result.get("clean_top1_accuracy")))
+    return {"name": "robustness",
+            "title": f"Top-1 accuracy (%) under FGSM, epsilon {cfg.ROBUSTNESS.EPSILON:g}/255, higher is better",
+            "value": "FGSM accuracy", "columns": {"clean": "clean accuracy"}, "rows": rows}
+
+
+def cost_rows(cfg: CfgNode) -> dict[str, dict]:
+    """The cost report's row per arm (its baseline is the run without mixing), when it can be made."""
+    finished = {m: pretrain_dir(cfg, m) for m in cfg.STUDY.METHODS if (pretrain_dir(cfg, m) / "model_final.pth").is_file()}
+    try:
+        runs = {method: read_run(folder) for method, folder in finished.items()}
+        by_label = {table_row["method"]: table_row for table_row in cost_table(list(runs.values()))}
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {method: by_label[run.method] for method, run in runs.items()}
+
+
+def cost_table_rows(cfg: CfgNode, paper: PaperTable | None) -> dict:
+    measured = cost_rows(cfg)
+    baseline_hours = paper and paper.cost_hours.get(cfg.STUDY.BASELINE)
+    rows = []
+    for method in cfg.STUDY.METHODS:
+        cost = measured.get(method, {})
+        hours = paper and paper.cost_hours.get(method)
+        rows.append(row(method, cost.get("relative"), hours / baseline_hours if hours and baseline_hours else None,
+                        seconds_per_epoch=cost.get("seconds_per_epoch")))
+    return {"name": "cost", "title": f"Training time per epoch relative to {cfg.STUDY.BASELINE!r}",
+            "value": "relative time", "columns": {"seconds_per_epoch": "s / epoch"}, "rows": rows}
+
+
+def build_report(cfg: CfgNode) -> dict:
+    paper = PAPER_TABLES.get(cfg.STUDY.PAPER)
+    tables = [classification_table(cfg, paper)]
+    if cfg.DETECT.ENABLED:
+        tables.append(detection_table(cfg, paper))
+    if cfg.ROBUSTNESS.ENABLED:
+        tables.append(robustness_table(cfg, paper))
+    if cfg.COST.ENABLED:
+        tables.append(cost_table_rows(cfg, paper))
+    return {"study": cfg.OUTPUT_DIR, "note": cfg.STUDY.NOTE, "paper": paper.title if paper else None,
+            "baseline": cfg.STUDY.BASELINE, "tables": tables}
+
+
+def cell(value) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def format_markdown(report: dict) -> str:
+    lines = ["# SaliencyMix study report", "", f"Study folder: `{report['study']}`"]
+    if report["note"]:
+        lines += ["", report["note"]]
+    source = f"the paper ({report['paper']})" if report["paper"] else "no published figures chosen (STUDY.PAPER)"
+    lines += ["", f"Paper column: {source}. `{MISSING}`: not measured (yet)."]
+    for table in report["tables"]:
+        header = ["arm", f"ours: {table['value']}", "paper", *table["columns"].values()]
+        lines += ["", f"## {table['title']}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for entry in table["rows"]:
+            values = [entry["method"], cell(entry["ours"]), cell(entry["paper"]),
+                      *(cell(entry[key]) for key in table["columns"])]
+            lines.append("| " + " | ".join(values) + " |")
+        lines += ["", f"![{table['name']}]({chart_name(table)})"]
+    return "\n".join(lines) + "\n"
+
+
+def chart_name(table: dict) -> str:
+    return f"study_report_{table['name']}.png"
+
+
+def write_chart(table: dict, path: Path) -> None:
+    """Ours beside the paper's per arm; a missing figure is a labelled gap, not a zero bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = table["rows"]
+    figure = Figure(figsize=(max(4.5, 1.3 * len(rows) + 1.5), 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.38
+    present = [v for entry in rows for v in (entry["ours"], entry["paper"]) if v is not None]
+    for offset, key, colour, label in ((-width / 2, "ours", "tab:blue", "ours"),
+                                       (width / 2, "paper", "0.7", "paper")):
+        for index, entry in enumerate(rows):
+            value = entry[key]
+            if value is None:
+                axes.annotate(MISSING, (index + offset, 0), xytext=(0, 3), textcoords="offset points",
+                              ha="center", va="bottom", rotation=90, fontsize=7, color="0.4")
+            else:
+                axes.bar(index + offset, value, width, color=colour, edgecolor="black",
+                         label=label if index == next(i for i, e in enumerate(rows) if e[key] is not None) else None)
+                axes.annotate(f"{value:.2f}", (index + offset, value), xytext=(0, 2), textcoords="offset points",
+                              ha="center", fontsize=7)
+    axes.set_xticks(range(len(rows)), [entry["method"] for entry in rows])
+    axes.set_ylabel(table["value"])
+    axes.set_ylim(0, 1.15 * max(present) if present else 1)
+    axes.set_title(table["title"], fontsize=9)
+    if present:
+        axes.legend(fontsize=8)
+    atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=110))
+
+
+def write_report(cfg: CfgNode) -> dict:
+    """Build the report from the study folder and write its files; returns the report."""
+    output = Path(cfg.OUTPUT_DIR)
+    report = build_report(cfg)
+    for table in report["tables"]:
+        write_chart(table, output / chart_name(table))
+    atomic_write(output / REPORT_MARKDOWN, lambda stream: stream.write(format_markdown(report).encode()))
+    atomic_write_json(output / REPORT_JSON, report)
+    return report
