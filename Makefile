@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DEMO_DIR ?= output/demo
+DEMO_DIR := output/demo
 
 .PHONY: venv demo test bench clean
 
@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The built-in data, then the demo study (configs/study/demo.yaml); it ends by printing its report.
 demo: $(STAMP)
-	$(PY) tools/demo.py --output $(DEMO_DIR)
+	test -f $(DEMO_DIR)/data/manifest.json || $(PY) tools/make_demo_data.py --output $(DEMO_DIR)/data
 	$(PY) tools/visualize_saliency.py $(DEMO_DIR)/data/detection/JPEGImages --limit 6 --output $(DEMO_DIR)/saliency.png
+	$(PY) tools/study.py --config-file configs/study/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -83,11 +83,13 @@ def load_study_cfg(config_file: str | Path, opts: list[str]) -> CN:
     if len(opts) % 2:
         raise StudyConfigError(f"config overrides come in KEY VALUE pairs, got {opts}")
     cfg = get_study_cfg()
-    try:
-        cfg.merge_from_file(str(path))
-        cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, TypeError) as error:
-        raise StudyConfigError(f"{path}: {error}") from None
+    # yacs reports an unknown key or a wrong type as KeyError, ValueError or AssertionError
+    for source, merge in ((str(path), lambda: cfg.merge_from_file(str(path))),
+                          ("the command line", lambda: cfg.merge_from_list(list(opts)))):
+        try:
+            merge()
+        except (KeyError, ValueError, TypeError, AssertionError) as error:
+            raise StudyConfigError(f"{source}: {str(error).strip(chr(39))}") from None
     check(cfg)
     cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR).resolve())
     for key, template in (("PRETRAIN", cfg.PRETRAIN.CONFIG), ("DETECT", cfg.DETECT.CONFIG)):

@@ -22,7 +22,8 @@ from study_runner.execute import run_stage
 from study_runner.stages import Stage
 
 SUBMITIT_FOLDER = "slurm"  # submitit's job files and per-job stdout/stderr, under the study folder
-SIGNAL_DELAY_SECONDS = 120  # SLURM warns the job this long before its time limit
+SIGNAL_DELAY_SECONDS = 120  # SLURM warns the job this long before its time limit (at most a quarter of it)
+MAX_TIMEOUTS = 1000  # requeues after a time limit (submitit's default, 3, would end a 300-epoch run early)
 QUEUE_TIMEOUT_SECONDS = 30
 POLL_SECONDS = 10
 JOB_PREFIX = "smix"
@@ -81,7 +82,7 @@ def job_parameters(cfg: CfgNode, stage: Stage, dependencies: list[str]) -> dict:
         extra["kill-on-invalid-dep"] = "yes"
     parameters = {"job_name": f"{JOB_PREFIX}.{stage.name}", "nodes": node.NODES, "ntasks_per_node": 1,
                   "cpus_per_task": node.CPUS_PER_NODE, "mem": f"{node.MEM_GB}GB", "time": node.TIME_MINUTES,
-                  "signal_delay_s": SIGNAL_DELAY_SECONDS, "additional_parameters": extra}
+                  "signal_delay_s": min(SIGNAL_DELAY_SECONDS, node.TIME_MINUTES * 15), "additional_parameters": extra}
     if node.GPUS_PER_NODE:
         parameters["gpus_per_node"] = node.GPUS_PER_NODE
     for key in ("PARTITION", "ACCOUNT", "QOS"):
@@ -139,7 +140,7 @@ def submit_study(cfg: CfgNode, stages: list[Stage], output: Path) -> dict[str, s
             print(f"{stage.name}: {queue[record['job_id']].lower()} already as job {record['job_id']}", flush=True)
             continue
         dependencies = [job_of[need] for need in stage.needs if need in job_of]
-        executor = submitit.SlurmExecutor(folder=output / SUBMITIT_FOLDER)
+        executor = submitit.SlurmExecutor(folder=output / SUBMITIT_FOLDER, max_num_timeout=MAX_TIMEOUTS)
         executor.update_parameters(**job_parameters(cfg, stage, dependencies))
         job = executor.submit(StageJob(stage, output))
         job_of[stage.name] = job.job_id

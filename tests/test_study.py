@@ -1,0 +1,191 @@
+"""tools/study.py with the local executor: a tiny study end to end, rerun, interrupted and
+resumed, a failing stage, the paper study's dry run, bad configs and the report's gaps."""
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection import records as detection_records
+from study_runner.config import load_study_cfg
+from study_runner.report import MISSING, write_report
+from tiny_study import REPO, explain, make_data, run_study, study_command, write_config
+
+METHODS = ("none", "saliencymix")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("study_data") / "data")
+
+
+@pytest.fixture(scope="module")
+def finished_study(data, tmp_path_factory):
+    """A tiny study run once from start to end: (config, output folder, first run's result)."""
+    folder = tmp_path_factory.mktemp("study")
+    config = write_config(folder / "study.yaml", data, folder / "output")
+    return config, folder / "output", run_study(config)
+
+
+def outcome(output: Path) -> dict:
+    """What a study measured, for comparing two runs of it (all but the wall-clock cost)."""
+    report = json.loads((output / "study_report.json").read_text())
+    return {table["name"]: [(row["method"], row["ours"]) for row in table["rows"]]
+            for table in report["tables"] if table["name"] != "cost"}
+
+
+def test_the_study_runs_every_stage_then_skips_them_all_when_run_again(finished_study):
+    config, output, first = finished_study
+    assert first.returncode == 0, explain(first)
+    for method in METHODS:
+        assert (output / "pretrain" / method / "model_final.pth").is_file()
+        assert (output / "pretrain" / method / "backbone.pth").is_file()
+        assert (output / "pretrain" / method / "model_final_fgsm_eps8.json").is_file()
+        run = detection_records.read_run(output / "detect" / method / "trial_0")
+        assert run["info"]["method"] == method and run["info"]["seed"] == 0
+    for name in ("comparison.json", "cost.json", "study_report.md", "study_report.json",
+                 "study_report_detection.png", "study_report_classification.png"):
+        assert (output / name).is_file(), name
+    assert "[1/11] pretrain.none\n" in first.stdout and "# SaliencyMix study report" in first.stdout
+    report = (output / "study_report.md").read_text()
+    assert "| saliencymix | " in report and "78.48" in report and "23.68" in report  # the paper beside ours
+    record = json.loads((output / "stages" / "pretrain.none.json").read_text())
+    assert record["exit_status"] == 0 and record["executor"] == "local" and record["wall_seconds"] > 0
+    assert record["command"][1].endswith("tools/pretrain.py") and "--num-gpus" in record["command"]
+
+    measured = outcome(output)
+    again = run_study(config)
+    assert again.returncode == 0, explain(again)
+    assert again.stdout.count("done already") == 10  # every stage but the report
+    assert outcome(output) == measured
+
+    status = run_study(config, "--status")
+    assert status.returncode == 0, explain(status)
+    assert "11 done" in status.stdout and "detect.saliencymix.0" in status.stdout
+
+
+def test_a_study_stopped_in_the_middle_of_a_stage_resumes_to_the_same_results(finished_study, data, tmp_path):
+    _, reference, first = finished_study
+    assert first.returncode == 0, explain(first)
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output")
+    interrupted = tmp_path / "output" / "pretrain" / "saliencymix"
+    runner = subprocess.Popen(study_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while not (interrupted / "last_checkpoint").exists():
+        assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read().decode()[-3000:]
+        time.sleep(0.02)
+    runner.send_signal(signal.SIGTERM)
+    output = runner.communicate(timeout=120)[0].decode()
+    assert runner.returncode != 0 and not (interrupted / "model_final.pth").exists(), output[-3000:]
+    status = run_study(config, "--status")
+    assert re.search(r"pretrain\.saliencymix +interrupted", status.stdout), status.stdout
+
+    resumed = run_study(config)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "pretrain.saliencymix (resuming)" in resumed.stdout
+    assert f"resumed from {interrupted / 'checkpoint_'}" in resumed.stdout
+    assert outcome(tmp_path / "output") == outcome(reference)
+    ours = torch.load(interrupted / "model_final.pth", weights_only=True)["model"]
+    uninterrupted = torch.load(reference / "pretrain" / "saliencymix" / "model_final.pth", weights_only=True)["model"]
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_failed_stage_stops_only_the_stages_that_need_it(data, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "pretrain_none.yaml").write_text(f"_BASE_: {REPO / 'configs/demo/pretrain_none.yaml'}\n")
+    (configs / "pretrain_broken.yaml").write_text(f"_BASE_: {REPO / 'configs/demo/pretrain_none.yaml'}\n"
+                                                  "MODEL:\n  ARCH: resnet9999\n")
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output",
+                          STUDY={"METHODS": ["none", "broken"]}, DETECT={"ENABLED": False},
+                          PRETRAIN={"CONFIG": str(configs / "pretrain_{method}.yaml")})
+    result = run_study(config)
+    assert result.returncode == 1, explain(result)
+    assert "error: stage pretrain.broken failed (exit status 1); last lines of" in result.stdout
+    assert "resnet9999" in result.stdout.split("error: stage pretrain.broken failed")[1]  # the log's tail
+    assert "robustness.broken: blocked, it needs pretrain.broken" in result.stdout
+    assert "cost: blocked" in result.stdout
+    output = tmp_path / "output"
+    assert (output / "pretrain" / "none" / "model_final_fgsm_eps8.json").is_file()  # the other arm finished
+    assert (output / "study_report.md").is_file()  # the report of what is there
+    status = run_study(config, "--status").stdout
+    assert re.search(r"pretrain\.broken +failed", status) and re.search(r"robustness\.broken +pending", status)
+
+
+def test_the_paper_study_dry_run_lists_every_stage_and_its_exact_command():
+    result = run_study(REPO / "configs/study/paper_r50_voc.yaml", "--dry-run", "--executor", "slurm",
+                       "OUTPUT_DIR", "/scratch/paper", "PRETRAIN.DATA_ROOT", "/data/imagenet")
+    assert result.returncode == 0, explain(result)
+    lines = result.stdout.splitlines()
+    stages = [line.split("]")[1].split(":")[0].strip() for line in lines if line.startswith("[")]
+    methods = ("none", "cutout", "mixup", "cutmix", "saliencymix")
+    expected = []
+    for method in methods:
+        expected += [f"pretrain.{method}", f"robustness.{method}", f"export.{method}",
+                     *(f"detect.{method}.{trial}" for trial in range(5))]
+    assert stages == [*expected, "compare", "cost", "report"]
+    commands = {stage: lines[lines.index(next(l for l in lines if l.startswith("[") and f"] {stage}:" in l)) + 1]
+                for stage in stages}
+    python = sys.executable
+    assert commands["pretrain.cutmix"] == (
+        f"  $ {python} {REPO}/tools/pretrain.py --config-file {REPO}/configs/pretrain/r50_cutmix.yaml --num-gpus 8 "
+        "DATA.ROOT /data/imagenet OUTPUT_DIR /scratch/paper/pretrain/cutmix")
+    assert commands["detect.saliencymix.3"] == (
+        f"  $ {python} {REPO}/tools/train_net.py --config-file {REPO}/configs/detection/faster_rcnn_R50_C4_voc.yaml "
+        "--engine detectron2 --num-gpus 8 MODEL.WEIGHTS /scratch/paper/pretrain/saliencymix/backbone.pkl "
+        "TRANSFER.METHOD saliencymix OUTPUT_DIR /scratch/paper/detect/saliencymix/trial_3 SEED 3")
+    assert commands["export.none"] == (f"  $ {python} {REPO}/tools/convert_to_d2.py /scratch/paper/pretrain/none/"
+                                       "model_final.pth /scratch/paper/pretrain/none/backbone.pkl")
+    assert commands["robustness.mixup"].endswith("--epsilon 8 MODEL.WEIGHTS /scratch/paper/pretrain/mixup/model_final.pth")
+    assert commands["compare"].endswith("--baseline none --output /scratch/paper")
+    jobs = {stage: lines[lines.index(commands[stage]) + 1] for stage in ("pretrain.none", "detect.none.0", "report")}
+    assert "--nodes=1 " in jobs["pretrain.none"] and "--gpus-per-node=8" in jobs["pretrain.none"]
+    assert "--time=1440" in jobs["pretrain.none"] and "--signal=USR2@120" in jobs["pretrain.none"]
+    assert "--dependency=afterok:<job of export.none> --kill-on-invalid-dep=yes" in jobs["detect.none.0"]
+    assert "--dependency=afterany:<job of pretrain.none>:<job of robustness.none>:" in jobs["report"]
+    assert not Path("/scratch/paper").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["STUDY.NOT_A_KEY", "1"], "the command line: Non-existent key: STUDY.NOT_A_KEY"),
+    (["STUDY.METHODS", "['none', 'saliencymixx']"], "r50_saliencymixx.yaml (arm 'saliencymixx') does not exist"),
+    (["STUDY.BASELINE", "cutmixx"], "STUDY.BASELINE 'cutmixx' is not among STUDY.METHODS"),
+    (["DETECT.ENGINE", "mmdet"], "DETECT.ENGINE 'mmdet' is unknown"),
+    (["RESOURCES.PRETRAIN.NODES", "2"], "RESOURCES.PRETRAIN.NODES is 2, but the local executor runs on this machine"),
+    (["STUDY.PAPER", "imagenet_resnet18"], "STUDY.PAPER 'imagenet_resnet18' is unknown"),
+])
+def test_a_bad_study_config_is_one_clear_error(overrides, message, tmp_path):
+    result = run_study(REPO / "configs/study/paper_r50_voc.yaml", "OUTPUT_DIR", str(tmp_path / "out"),
+                       "DETECT.ENGINE", "torchvision", *overrides)
+    assert result.returncode == 2, explain(result)
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_report_of_an_empty_study_shows_every_figure_as_missing(tmp_path):
+    cfg = load_study_cfg(REPO / "configs/study/paper_r50_voc.yaml", ["OUTPUT_DIR", str(tmp_path)])
+    report = write_report(cfg)
+    for table in report["tables"]:
+        assert all(row["ours"] is None for row in table["rows"]), table["name"]
+        assert (tmp_path / f"study_report_{table['name']}.png").stat().st_size > 0
+    markdown = (tmp_path / "study_report.md").read_text()
+    assert f"| none | {MISSING} | 23.68 |" in markdown and f"| saliencymix | {MISSING} | 78.48 |" in markdown
+    assert "0.00" not in markdown
+
+
+def test_the_study_runs_with_detectron2_when_installed(data, tmp_path):
+    pytest.importorskip("detectron2")
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", engine="detectron2",
+                          ROBUSTNESS={"ENABLED": False}, COST={"ENABLED": False})
+    result = run_study(config)
+    assert result.returncode == 0, explain(result)
+    for method in METHODS:
+        assert (tmp_path / "output" / "pretrain" / method / "backbone.pkl").is_file()
+        run = detection_records.read_run(tmp_path / "output" / "detect" / method / "trial_0")
+        assert run["info"]["engine"] == "detectron2"

@@ -1,0 +1,139 @@
+"""tools/study.py with the SLURM executor, against a real SLURM: they run wherever a controller
+answers ``sinfo`` (start one on this machine, as root, with tests/slurm/start_local_cluster.sh and
+export the SLURM_CONF it prints), and are skipped otherwise."""
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from study_runner.config import get_study_cfg
+from study_runner.slurm import describe, job_parameters, live_jobs
+from study_runner.stages import Stage
+from tiny_study import explain, make_data, run_study, write_config
+
+
+def slurm_unavailable() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no SLURM here (sinfo is not on PATH; see tests/slurm/start_local_cluster.sh)"
+    try:
+        answer = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        return "no SLURM controller answered sinfo within 5 s"
+    return None if answer.returncode == 0 else f"sinfo failed: {answer.stderr.strip()}"
+
+
+needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
+
+
+def test_job_parameters_carry_the_resources_dependencies_and_extra_sbatch_options():
+    cfg = get_study_cfg()
+    cfg.RESOURCES.DETECT.PARTITION = "gpu"
+    cfg.RESOURCES.DETECT.QOS = "high"
+    cfg.RESOURCES.DETECT.SBATCH = ["constraint=a100", "--exclusive"]
+    stage = Stage("detect.none.0", "detect", ("python", "tools/train_net.py"), Path("/x"))
+    parameters = job_parameters(cfg, stage, ["11", "12"])
+    assert parameters["gpus_per_node"] == 8 and parameters["nodes"] == 1 and parameters["time"] == 720
+    assert parameters["partition"] == "gpu" and parameters["qos"] == "high" and "account" not in parameters
+    assert describe(parameters).endswith("--constraint=a100 --exclusive --dependency=afterok:11:12 "
+                                         "--kill-on-invalid-dep=yes")
+    report = Stage("report", "report", ("python", "tools/study.py"), Path("/y"), always=True)
+    assert job_parameters(cfg, report, ["3"])["additional_parameters"]["dependency"] == "afterany:3"
+    assert "gpus_per_node" not in job_parameters(cfg, report, [])  # CPU-only jobs ask for no GPU
+
+
+def test_a_multi_node_stage_gets_the_launchers_machine_flags():
+    stage = Stage("pretrain.none", "pretrain", ("python", "tools/pretrain.py", "--config-file", "c.yaml",
+                                                "--num-gpus", "8", "OUTPUT_DIR", "o"), Path("o/model_final.pth"))
+    assert stage.argv(resume=True, machines=(4, 2, "tcp://node0:23456")) == [
+        "python", "tools/pretrain.py", "--resume", "--num-machines", "4", "--machine-rank", "2",
+        "--dist-url", "tcp://node0:23456", "--config-file", "c.yaml", "--num-gpus", "8", "OUTPUT_DIR", "o"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("slurm_data") / "data")
+
+
+def states(config: Path) -> dict[str, str]:
+    status = run_study(config, "--executor", "slurm", "--status")
+    assert status.returncode == 0, explain(status)
+    return dict(re.findall(r"^(\S+)\s+(done|running|queued|failed|interrupted|cancelled|pending)\s", status.stdout,
+                           re.MULTILINE))
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@needs_slurm
+def test_a_tiny_study_runs_through_slurm_with_one_job_per_stage(data, tmp_path):
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output")
+    submitted = run_study(config, "--executor", "slurm")
+    assert submitted.returncode == 0, explain(submitted)
+    assert "report: submitted as job" in submitted.stdout and "detect.none.0: submitted as job" in submitted.stdout
+    queued = states(config)
+    assert set(queued.values()) <= {"queued", "running", "done"} and len(queued) == 11, queued
+
+    waited = run_study(config, "--executor", "slurm", "--wait")  # finds every stage queued already
+    assert waited.returncode == 0, explain(waited)
+    assert "submitted" not in waited.stdout and "already as job" in waited.stdout
+    assert set(states(config).values()) == {"done"}
+    record = json.loads((tmp_path / "output" / "stages" / "detect.saliencymix.0.json").read_text())
+    assert record["executor"] == "slurm" and record["job_id"] and record["exit_status"] == 0
+    report = json.loads((tmp_path / "output" / "study_report.json").read_text())
+    assert all(row["ours"] is not None for table in report["tables"] for row in table["rows"])
+
+
+@needs_slurm
+def test_a_job_cancelled_with_scancel_is_rerun_by_the_next_invocation(data, tmp_path):
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output",
+                          DETECT={"SEEDS": [0]}, ROBUSTNESS={"ENABLED": False})
+    submitted = run_study(config, "--executor", "slurm")
+    assert submitted.returncode == 0, explain(submitted)
+    job = re.search(r"pretrain\.saliencymix: submitted as job (\d+)", submitted.stdout).group(1)
+    run = tmp_path / "output" / "pretrain" / "saliencymix"
+    wait_until(lambda: (run / "last_checkpoint").exists(), 300, "the first checkpoint")
+    subprocess.run(["scancel", job], check=True)
+    wait_until(lambda: not set(live_jobs()) & set(re.findall(r"job (\d+)", submitted.stdout)), 300,
+               "the study's jobs to leave the queue")
+    after = states(config)
+    assert after["pretrain.none"] == "done" and after["detect.none.0"] == "done", after
+    assert after["pretrain.saliencymix"] in ("interrupted", "failed"), after
+    assert after["export.saliencymix"] == "cancelled" and after["compare"] == "cancelled", after
+
+    rerun = run_study(config, "--executor", "slurm", "--wait")
+    assert rerun.returncode == 0, explain(rerun)
+    assert "pretrain.none: submitted" not in rerun.stdout  # finished stages are not submitted again
+    assert "pretrain.saliencymix: submitted as job" in rerun.stdout
+    assert "resumed from" in (tmp_path / "output" / "logs" / "pretrain.saliencymix.log").read_text()
+    assert set(states(config).values()) == {"done"}
+
+
+@needs_slurm
+def test_a_job_that_reaches_its_time_limit_is_requeued_and_resumes(data, tmp_path):
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", STUDY={"METHODS": ["none"]},
+                          DETECT={"ENABLED": False}, ROBUSTNESS={"ENABLED": False}, COST={"ENABLED": False})
+    long_run = ["PRETRAIN.OPTS", json.dumps(_long_pretraining())]
+    result = run_study(config, "--executor", "slurm", "--wait", "RESOURCES.PRETRAIN.TIME_MINUTES", "1", *long_run,
+                       timeout=1200)
+    assert result.returncode == 0, explain(result)
+    record = json.loads((tmp_path / "output" / "stages" / "pretrain.none.json").read_text())
+    assert record["attempts"] >= 2 and record["exit_status"] == 0, record
+    log = (tmp_path / "output" / "logs" / "pretrain.none.log").read_text()
+    assert "resumed from" in log and (tmp_path / "output" / "pretrain" / "none" / "model_final.pth").is_file()
+
+
+def _long_pretraining() -> list[str]:
+    """The tiny pretraining, long enough (about two minutes) to outlast a one-minute job."""
+    from tiny_study import PRETRAIN_OPTS
+
+    options = dict(zip(PRETRAIN_OPTS[::2], PRETRAIN_OPTS[1::2]))
+    options["SOLVER.EPOCHS"] = "40"
+    return [item for pair in options.items() for item in pair]
