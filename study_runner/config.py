@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fvcore.common.config import CfgNode as CN
 
+from pretrain.cli import UsageError, merge_config
 from study_runner.paper import PAPER_TABLES
 
 PAPER_METHODS = ("none", "cutout", "mixup", "cutmix", "saliencymix")
@@ -70,26 +71,17 @@ def get_study_cfg() -> CN:
     return cfg
 
 
-class StudyConfigError(ValueError):
+class StudyConfigError(UsageError):
     """A study config that cannot run; the message names the key and what is allowed."""
 
 
 def load_study_cfg(config_file: str | Path, opts: list[str]) -> CN:
     """The defaults merged with ``config_file`` and ``KEY VALUE`` overrides, checked, with every
     path made absolute (relative paths are taken from the current folder), frozen."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise StudyConfigError(f"config file {path} does not exist")
-    if len(opts) % 2:
-        raise StudyConfigError(f"config overrides come in KEY VALUE pairs, got {opts}")
-    cfg = get_study_cfg()
-    # yacs reports an unknown key or a wrong type as KeyError, ValueError or AssertionError
-    for source, merge in ((str(path), lambda: cfg.merge_from_file(str(path))),
-                          ("the command line", lambda: cfg.merge_from_list(list(opts)))):
-        try:
-            merge()
-        except (KeyError, ValueError, TypeError, AssertionError) as error:
-            raise StudyConfigError(f"{source}: {str(error).strip(chr(39))}") from None
+    try:
+        cfg = merge_config(get_study_cfg(), config_file, opts)
+    except UsageError as error:
+        raise StudyConfigError(str(error)) from None
     check(cfg)
     cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR).resolve())
     for key, template in (("PRETRAIN", cfg.PRETRAIN.CONFIG), ("DETECT", cfg.DETECT.CONFIG)):
