@@ -23,7 +23,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MIXERS, normalise  # noqa: E402
+from common import BENCH_MIXERS, normalise  # noqa: E402
 from pretrain.mix import build_mixer  # noqa: E402
 from pretrain.saliency import METHODS, compute_saliency  # noqa: E402
 
@@ -80,7 +80,7 @@ def bench_mixers(images: torch.Tensor, labels: torch.Tensor, device: torch.devic
     step = timed(training_step, device, model_repeats)
     print(f"\nmixers on {tuple(images.shape)} on {device}; ResNet-50 forward+backward: {step * 1e3:.0f} ms")
     print(f"{'mixer':<26}{'ms / batch':>11}{'of step':>10}  ")
-    for label, (arguments, target) in MIXERS.items():
+    for label, (arguments, target) in BENCH_MIXERS.items():
         mixer = build_mixer(num_classes=1000, generator=torch.Generator().manual_seed(0), **arguments)
         cost = timed(lambda: mixer(images, labels), device, repeats)
         fraction = cost / step

@@ -5,6 +5,10 @@ in one run: same model, same batch, same device, the trainer's own step function
 Targets: SaliencyMix box="batch" within 1% of no mixing, box="sample" within 2% (the paper's own
 implementation cost 9.6% more than no mixing).
 
+It also counts how often one step makes the host wait for the GPU (a value read back, a blocking
+upload): on CUDA as its sync debug mode reports them over a whole step; without CUDA, counted for
+the mixer alone on a stand-in device (common.SyncCounter).
+
     python bench/bench_pretrain.py                          # ResNet-50; batch 128 on a GPU, 16 on a CPU
     python bench/bench_pretrain.py --batch-size 256 --steps 20 --amp
 """
@@ -14,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,15 +26,34 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MIXERS, normalise  # noqa: E402
+from common import BENCH_MIXERS, SyncCounter, normalise  # noqa: E402
 from pretrain.engine import training_step  # noqa: E402
 from pretrain.mix import build_mixer  # noqa: E402
-
 
 
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cuda_syncs(step) -> int:
+    """Host-device synchronisations in one call of ``step()``, as CUDA's sync debug mode warns
+    of them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(warning.message) for warning in caught)
+
+
+def stand_in_syncs(mixer, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """The synchronisations ``mixer`` would make on a GPU, counted on the CPU (mixer only)."""
+    with SyncCounter() as counter:
+        mixer(counter.on_device(images), counter.on_device(labels))
+    return len(counter.syncs)
 
 
 def main(argv=None) -> None:
@@ -56,7 +80,7 @@ def main(argv=None) -> None:
     images = normalise(pixels).to(device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     mixers = {label: build_mixer(num_classes=1000, generator=torch.Generator().manual_seed(1), **options)
-              for label, (options, _) in MIXERS.items()}
+              for label, (options, _) in BENCH_MIXERS.items()}
 
     def run(mixer, count):
         for _ in range(count):
@@ -70,17 +94,24 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             run(mixer, steps)
             seconds[label].append((time.perf_counter() - start) / steps)
+    if on_gpu:
+        syncs = {label: cuda_syncs(lambda: training_step(model, optimizer, scaler, mixer, images, labels, amp_dtype))
+                 for label, mixer in mixers.items()}
+    else:
+        syncs = {label: stand_in_syncs(mixer, images, labels) for label, mixer in mixers.items()}
 
     name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.arch} training step, batch {batch} x 3 x {args.size} x {args.size} on {device} ({name}), "
           f"{'bf16 autocast, ' if amp_dtype else ''}median of {args.rounds} rounds x {steps} steps")
     baseline = statistics.median(seconds["none"])
-    print(f"{'mixer':<26}{'images/s':>10}{'vs none':>10}  ")
-    for label, (_, allowed) in MIXERS.items():
+    print("syncs: host waits for the GPU per step, " + ("from CUDA's sync debug mode" if on_gpu else
+          "no CUDA here: the mixer's alone, counted on a stand-in device"))
+    print(f"{'mixer':<26}{'images/s':>10}{'vs none':>10}{'syncs':>7}  ")
+    for label, (_, allowed) in BENCH_MIXERS.items():
         step = statistics.median(seconds[label])
         slowdown = step / baseline - 1
         verdict = "" if allowed is None else f"target <= {allowed:.0%}: {'met' if slowdown <= allowed else 'NOT met'}"
-        print(f"{label:<26}{batch / step:>10.1f}{slowdown:>+9.2%}  {verdict}")
+        print(f"{label:<26}{batch / step:>10.1f}{slowdown:>+9.2%}{syncs[label]:>7}  {verdict}")
 
 
 if __name__ == "__main__":

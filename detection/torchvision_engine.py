@@ -571,7 +571,7 @@ def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, images: 
     losses = network(images, targets)
     total = sum(losses.values())
     names = ["total_loss", *(DETECTRON2_LOSS_NAMES.get(name, name) for name in losses)]
-    values = all_reduce_sum([float(loss.detach()) for loss in (total, *losses.values())], total.device)
+    values = all_reduce_sum(torch.stack([total, *losses.values()]).detach(), total.device)  # one readback
     averaged = {name: value / world()[1] for name, value in zip(names, values)}
     if not math.isfinite(averaged["total_loss"]):
         raise FloatingPointError(f"loss became {averaged} at iteration {iteration}; training stopped. "

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pretrain.atomic_file import atomic_write
+from pretrain.cli import UsageError
 
 LAST_POINTER = "last_checkpoint"
 BEST_NAME = "model_best.pth"
@@ -75,7 +76,7 @@ def weights_to_evaluate(weights: str, output_dir: str) -> Path:
     """``MODEL.WEIGHTS`` when set, else the newest checkpoint of the run folder ``OUTPUT_DIR``."""
     path = Path(weights) if weights else Checkpointer(Path(output_dir), keep_last=1).last()
     if path is None:
-        raise SystemExit(f"error: no weights to evaluate: set MODEL.WEIGHTS or train into {output_dir} first")
+        raise UsageError(f"no weights to evaluate: set MODEL.WEIGHTS or train into {output_dir} first")
     if not path.is_file():
-        raise SystemExit(f"error: MODEL.WEIGHTS {path} does not exist")
+        raise UsageError(f"MODEL.WEIGHTS {path} does not exist")
     return path

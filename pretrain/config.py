@@ -3,8 +3,6 @@
 YAML files under ``configs/pretrain/`` override these (``_BASE_`` chains files), and command-line
 ``KEY VALUE`` pairs override the files, as in Detectron2.
 """
-from pathlib import Path
-
 from fvcore.common.config import CfgNode as CN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,18 +76,4 @@ def get_cfg() -> CN:
     cfg.TEST = CN()
     cfg.TEST.EVAL_PERIOD = 1  # epochs; 0 evaluates only at the end
     cfg.TEST.BATCH_SIZE = 256  # total over all processes
-    return cfg
-
-
-def setup_cfg(config_file: str, opts: list[str]) -> CN:
-    """The defaults, merged with ``config_file`` and then the ``KEY VALUE`` overrides; frozen."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise SystemExit(f"error: config file {path} does not exist")
-    if len(opts) % 2:
-        raise SystemExit(f"error: config overrides come in KEY VALUE pairs, got {opts}")
-    cfg = get_cfg()
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(opts)
-    cfg.freeze()
     return cfg

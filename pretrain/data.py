@@ -3,7 +3,9 @@ paper's transforms, and a distributed sampler that can resume in the middle of a
 
 Augmentation randomness is drawn per sample from ``(seed, epoch, index)``, not from whichever
 worker process happens to load the sample, so a resumed run sees exactly the batches an
-uninterrupted run would have seen, whatever the number of workers.
+uninterrupted run would have seen, whatever the number of workers. The training sampler hands
+the datasets ``(epoch, index)`` keys: the epoch travels with each index, so persistent workers
+(which keep their own copy of the dataset) never use a stale epoch.
 """
 from __future__ import annotations
 
@@ -102,58 +104,62 @@ def resolve_data_root(cfg) -> Path:
     return path
 
 
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """``(epoch, index)`` from a training sampler's key, or a plain index (epoch 0)."""
+    return key if isinstance(key, tuple) else (0, key)
+
+
+def unreadable_paths(batch_field: list[str]) -> list[str]:
+    """The unreadable files a loaded batch replaced (the items' newline-joined third field)."""
+    return [path for joined in batch_field if joined for path in joined.split("\n")]
+
+
 class RobustImageFolder(datasets.ImageFolder):
     """An ImageFolder whose unreadable images are logged with their path and replaced by the
-    next readable one; each item carries how many were replaced so the trainer can count them
-    across worker processes. Each sample's random augmentation is seeded by
-    ``(seed, epoch, index)``."""
+    next readable one; each item carries the paths it replaced (newline-joined, a string so the
+    default collate keeps it) so the trainer can list them across worker processes. Each
+    sample's random augmentation is seeded by ``(seed, epoch, index)``."""
 
     def __init__(self, root: Path, transform, seed: int, max_retries: int):
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         super().__init__(str(root), transform=transform)
         self.seed = seed
-        self.epoch = 0
         self.max_retries = max_retries
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, index: int):
-        replaced = 0
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = split_key(key)
+        unreadable = []
         while True:
             path, label = self.samples[index]
             try:
                 image = self.loader(path)
                 break
             except Exception as error:  # any decoder failure: truncated, corrupt, not an image
-                replaced += 1
+                unreadable.append(path)
                 logger.warning("unreadable image %s (%s); using the next one instead", path, error)
-                if replaced > self.max_retries:
-                    raise RuntimeError(f"{replaced} unreadable images in a row, the last {path}") from error
+                if len(unreadable) > self.max_retries:
+                    raise RuntimeError(f"{len(unreadable)} unreadable images in a row, the last {path}") from error
                 index = (index + 1) % len(self.samples)
-        return seeded(self.transform, image, self.seed, self.epoch, index), label, replaced
+        return seeded(self.transform, image, self.seed, epoch, index), label, "\n".join(unreadable)
 
 
 class CifarDataset(Dataset):
-    """A CIFAR split held in memory, with the ``(image, label, replaced)`` items and per-sample
-    seeding of ``RobustImageFolder`` (no file can be unreadable, so ``replaced`` is 0)."""
+    """A CIFAR split held in memory, with the ``(image, label, unreadable)`` items and per-sample
+    seeding of ``RobustImageFolder`` (no file can be unreadable, so ``unreadable`` is empty)."""
 
     def __init__(self, split: CifarSplit, transform, seed: int):
         self.images, self.targets, self.classes = split.images, split.labels, split.classes
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = split_key(key)
         image = Image.fromarray(self.images[index])
-        return seeded(self.transform, image, self.seed, self.epoch, index), int(self.targets[index]), 0
+        return seeded(self.transform, image, self.seed, epoch, index), int(self.targets[index]), ""
 
 
 def build_dataset(cfg, train: bool, transform) -> RobustImageFolder | CifarDataset:
@@ -176,7 +182,8 @@ def build_dataset(cfg, train: bool, transform) -> RobustImageFolder | CifarDatas
 class ResumableDistributedSampler(Sampler[int]):
     """This process's share of a seeded per-epoch shuffle (as ``DistributedSampler`` deals it,
     dropping the tail so every process gets the same count), able to start part-way through
-    an epoch so that a resumed run continues with the very next batch."""
+    an epoch so that a resumed run continues with the very next batch. It yields
+    ``(epoch, index)`` keys, which the datasets seed each sample's augmentation with."""
 
     def __init__(self, size: int, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
         self.size = size
@@ -202,7 +209,7 @@ class ResumableDistributedSampler(Sampler[int]):
         else:
             order = list(range(self.size))
         mine = order[self.rank:self.per_replica * self.num_replicas:self.num_replicas]
-        return iter(mine[self.start:])
+        return iter([(self.epoch, index) for index in mine[self.start:]])
 
     def __len__(self) -> int:
         return self.per_replica - self.start
@@ -242,7 +249,7 @@ def build_train_loader(cfg, pin_memory: bool) -> tuple[Dataset, ResumableDistrib
     if sampler.per_replica < batch:
         raise ValueError(f"{len(dataset)} training images give fewer than one batch of {batch} per process")
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.DATA.NUM_WORKERS,
-                        pin_memory=pin_memory, drop_last=True)
+                        pin_memory=pin_memory, drop_last=True, persistent_workers=cfg.DATA.NUM_WORKERS > 0)
     return dataset, sampler, loader
 
 

@@ -1,16 +1,20 @@
 """Starting one training process per GPU (or per CPU worker), on one machine or several.
 
-Three ways in, one code path after: a single process; ``--num-gpus N`` spawning N local
-processes (machine ``--machine-rank`` of ``--num-machines``, meeting at ``--dist-url``); or
-``torchrun``, which sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` itself. NCCL is used when
-CUDA is present, gloo otherwise.
+Four ways in, one code path after: a single process; ``--num-gpus N`` spawning N local
+processes (machine ``--machine-rank`` of ``--num-machines``, meeting at ``--dist-url``);
+``torchrun``, which sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` itself; or one process per
+task of a SLURM job step (``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
+meeting at ``MASTER_ADDR:MASTER_PORT``, by default the job's first node and a port derived from
+the job id). NCCL is used when CUDA is present, gloo otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
+import subprocess
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,17 +46,64 @@ def free_local_url() -> str:
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
-def launched_by_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+class Placement(NamedTuple):
+    """Where this process sits in a job that its launcher (torchrun, srun) already started."""
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    url: str
+
+
+def rendezvous_port(job_id: str) -> int:
+    """One port per SLURM job, the same on every node of it."""
+    return 20000 + int(str(job_id).split("_")[0]) % 20000
+
+
+def torchrun_placement() -> Placement | None:
+    if not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return Placement(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", world)), "env://")
+
+
+def slurm_placement(environ=os.environ) -> Placement | None:
+    """The placement of a task of a SLURM job step with several tasks, else None."""
+    if "SLURM_STEP_ID" not in environ or int(environ.get("SLURM_NTASKS", "1")) < 2:
+        return None
+    tasks, nodes = int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_NNODES", "1"))
+    host = environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"])
+    port = environ.get("MASTER_PORT") or rendezvous_port(environ["SLURM_JOB_ID"])
+    return Placement(int(environ["SLURM_PROCID"]), tasks, int(environ["SLURM_LOCALID"]), tasks // nodes,
+                     f"tcp://{host}:{port}")
+
+
+def first_host(node_list: str) -> str:
+    """The first host of a SLURM node list (``node[01-04]``), as ``scontrol`` expands it."""
+    hosts = subprocess.run(["scontrol", "show", "hostnames", node_list], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return hosts[0]
+
+
+def launched_placement(num_processes: int = 1, num_machines: int = 1) -> Placement | None:
+    """torchrun's placement, or SLURM's when the command line asks for no processes itself."""
+    return torchrun_placement() or (slurm_placement() if num_processes * num_machines == 1 else None)
+
+
+def planned_world_size(num_processes: int, num_machines: int) -> int:
+    placement = launched_placement(num_processes, num_machines)
+    return placement.world_size if placement else num_processes * num_machines
 
 
 def launch(main, args: tuple, num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str = "auto") -> None:
-    """Run ``main(*args)`` in every process of the job."""
-    if launched_by_torchrun():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        _init_process_group("env://", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank)
-        _run(main, args)
+           dist_url: str = "auto", after_init=None) -> None:
+    """Run ``main(*args)`` in every process of the job; ``after_init(local_world_size)`` runs in
+    each process once the process group exists (Detectron2 builds its per-machine group there)."""
+    placement = launched_placement(num_processes, num_machines)
+    if placement:
+        _init_process_group(placement.url, placement.rank, placement.world_size, placement.local_rank)
+        _run(main, args, after_init, placement.local_world_size)
         return
     world_size = num_processes * num_machines
     if world_size == 1:
@@ -63,13 +114,13 @@ def launch(main, args: tuple, num_processes: int = 1, num_machines: int = 1, mac
             raise ValueError("--dist-url auto works on one machine only; give tcp://HOST:PORT")
         dist_url = free_local_url()
     mp.start_processes(_worker, nprocs=num_processes, start_method="spawn",
-                       args=(main, args, num_processes, machine_rank, world_size, dist_url))
+                       args=(main, args, num_processes, machine_rank, world_size, dist_url, after_init))
 
 
 def _worker(local_rank: int, main, args, num_processes: int, machine_rank: int, world_size: int,
-            dist_url: str) -> None:
+            dist_url: str, after_init) -> None:
     _init_process_group(dist_url, machine_rank * num_processes + local_rank, world_size, local_rank)
-    _run(main, args)
+    _run(main, args, after_init, num_processes)
 
 
 def _init_process_group(url: str, rank: int, world_size: int, local_rank: int) -> None:
@@ -80,8 +131,10 @@ def _init_process_group(url: str, rank: int, world_size: int, local_rank: int) -
                             timeout=timedelta(minutes=30))
 
 
-def _run(main, args) -> None:
+def _run(main, args, after_init, local_world_size: int) -> None:
     try:
+        if after_init:
+            after_init(local_world_size)
         main(*args)
     finally:
         if dist.is_initialized():
@@ -95,9 +148,10 @@ def local_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sums over all processes (no-op without a process group)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Element-wise sums over all processes (no-op without a process group); a tensor of
+    values is read back once, whatever its length."""
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from fvcore.common.param_scheduler import (CompositeParamScheduler, CosineParamScheduler,
                                            LinearParamScheduler, MultiStepParamScheduler, ParamScheduler)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pretrain import checkpoint as ckpt
-from pretrain.data import build_train_loader, build_val_loader, per_process_batch, world
+from pretrain.atomic_file import atomic_write
+from pretrain.data import build_train_loader, build_val_loader, per_process_batch, unreadable_paths, world
 from pretrain.export import load_resnet_state_dict
 from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
 from pretrain.losses import soft_target_cross_entropy
@@ -28,6 +30,10 @@ from pretrain.mix import BatchMixer, build_mixer
 from pretrain.models import build_model
 
 logger = logging.getLogger(__name__)
+
+SCHEDULES = ("step", "cosine")
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+BAD_IMAGES = "bad_images.txt"  # the unreadable training files of a run, one path per line
 
 
 def build_mixer_from_config(cfg, generator: torch.Generator) -> BatchMixer:
@@ -58,7 +64,7 @@ def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:
     elif solver.SCHEDULE == "cosine":
         main = CosineParamScheduler(1.0, 0.0)
     else:
-        raise ValueError(f"unknown SOLVER.SCHEDULE {solver.SCHEDULE!r}; choose step or cosine")
+        raise ValueError(f"unknown SOLVER.SCHEDULE {solver.SCHEDULE!r}; choose one of {SCHEDULES}")
     warmup = solver.WARMUP_EPOCHS / solver.EPOCHS
     if warmup <= 0:
         return main
@@ -121,6 +127,8 @@ class PretrainTrainer:
         self.output_dir = Path(cfg.OUTPUT_DIR)
         self.after_step: list[Callable[[PretrainTrainer], None]] = []
         torch.manual_seed(cfg.SEED + self.rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks its fastest kernels once
 
         pin = self.device.type == "cuda"
         self.dataset, self.sampler, self.loader = build_train_loader(cfg, pin_memory=pin)
@@ -137,9 +145,9 @@ class PretrainTrainer:
                                          weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.base_lr = cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256
         self.schedule = build_lr_schedule(cfg, self.iterations_per_epoch)
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.SOLVER.AMP_DTYPE)
+        amp_dtype = AMP_DTYPES.get(cfg.SOLVER.AMP_DTYPE)
         if amp_dtype is None:
-            raise ValueError(f"unknown SOLVER.AMP_DTYPE {cfg.SOLVER.AMP_DTYPE!r}; choose bfloat16 or float16")
+            raise ValueError(f"unknown SOLVER.AMP_DTYPE {cfg.SOLVER.AMP_DTYPE!r}; choose one of {tuple(AMP_DTYPES)}")
         self.amp_dtype = amp_dtype if cfg.SOLVER.AMP and self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.mixer = build_mixer_from_config(cfg, torch.Generator().manual_seed(cfg.SEED * 1000 + self.rank))
@@ -153,7 +161,8 @@ class PretrainTrainer:
         self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0)
         self.iteration = 0
         self.best_top1_error = math.inf
-        self.bad_images = 0  # this process's replaced training images
+        self.unreadable: set[str] = set()  # training files this process found unreadable
+        self.replacements = 0  # how often this process replaced one (again in every epoch)
         self.last_checkpoint: Path | None = None
         if resume:
             self.resume()
@@ -167,15 +176,16 @@ class PretrainTrainer:
         while self.iteration < self.max_iterations:
             epoch, start = divmod(self.iteration, self.iterations_per_epoch)
             self.sampler.set_epoch(epoch, start * self.batch_per_process)
-            self.dataset.set_epoch(epoch)
             self.network.train()
             progress = tqdm(total=self.iterations_per_epoch, initial=start, desc=f"epoch {epoch}",
                             disable=self.rank != 0, dynamic_ncols=True, leave=False)
             tick = fetch_start = time.perf_counter()  # evaluation time is not training time
-            for images, labels, replaced in self.loader:
+            for images, labels, unreadable in self.loader:
                 waited += time.perf_counter() - fetch_start
                 losses.append((self.iteration, self._step(images, labels)))
-                self.bad_images += int(replaced.sum())
+                found = unreadable_paths(unreadable)
+                self.unreadable.update(found)
+                self.replacements += len(found)
                 self.iteration += 1
                 progress.update()
                 for hook in self.after_step:
@@ -199,19 +209,21 @@ class PretrainTrainer:
             eval_period = self.cfg.TEST.EVAL_PERIOD
             if last or (epoch_done and eval_period and (self.iteration // self.iterations_per_epoch) % eval_period == 0):
                 result = self.evaluate_and_keep_best()
-        bad = int(all_reduce_sum([self.bad_images], self.device)[0])
+        replacements = int(all_reduce_sum([self.replacements], self.device)[0])
         final = self._state()
+        bad = final["metrics"]["unreadable_train_images"]
         if self.rank == 0:
             ckpt.save(self.output_dir / ckpt.FINAL_NAME, final)
-            logger.info("training done at iteration %d; %d unreadable training images were replaced",
-                        self.iteration, bad)
-        self.metrics.write(self.iteration, bad_train_images=bad)
+            self._write_bad_images(bad)
+            logger.info("training done at iteration %d; %d unreadable training files%s, replaced %d times",
+                        self.iteration, len(bad), f" (listed in {self.output_dir / BAD_IMAGES})" if bad else "",
+                        replacements)
+        self.metrics.write(self.iteration, bad_train_images=len(bad), train_image_replacements=replacements)
         self.metrics.close()
-        return {**result, "bad_train_images": bad}
+        return {**result, "bad_train_images": len(bad), "train_image_replacements": replacements}
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        labels = labels.to(self.device, non_blocking=True)
         lr = self.base_lr * self.schedule(self.iteration / self.total_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -249,21 +261,24 @@ class PretrainTrainer:
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Top-1 and top-5 error (percent) on the validation folder, every image counted once."""
+        """Top-1 and top-5 error (percent) on the validation folder, every image counted once,
+        ranked on float32 logits (bf16 ties would blur the ranking) with rank 0's BN statistics
+        on every process: the error reported is that of the weights rank 0 saves."""
         self.model.eval()
+        if self.world_size > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
         correct1 = correct5 = total = replaced_total = 0
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        for images, labels, replaced in self.val_loader:
+        for images, labels, unreadable in self.val_loader:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
-            with autocast:
-                logits = self.model(images)
+            logits = self.model(images)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == labels.unsqueeze(1)
             correct1 += int(hits[:, 0].sum())
             correct5 += int(hits.any(dim=1).sum())
             total += labels.numel()
-            replaced_total += int(replaced.sum())
+            replaced_total += len(unreadable_paths(unreadable))
         correct1, correct5, total, replaced_total = all_reduce_sum(
             [correct1, correct5, total, replaced_total], self.device)
         self.model.train()
@@ -287,10 +302,11 @@ class PretrainTrainer:
     def _state(self) -> dict:
         """Everything needed to continue exactly where this iteration ends (a collective call:
         every process contributes its own mixer random state)."""
-        rng = {"torch": torch.get_rng_state(),
+        rng = {"torch": all_gather_objects(torch.get_rng_state()),
                "mixers": all_gather_objects(self.mixer.generator.get_state())}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            rng["cuda"] = all_gather_objects(torch.cuda.get_rng_state(self.device))
+        unreadable = sorted(set().union(*all_gather_objects(self.unreadable)))
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": {"iteration": self.iteration, "total_iterations": self.total_iterations},
                 "scaler": self.scaler.state_dict(), "epoch": self.iteration // self.iterations_per_epoch,
@@ -298,13 +314,20 @@ class PretrainTrainer:
                 "sampler": {"epoch": self.iteration // self.iterations_per_epoch,
                             "position": (self.iteration % self.iterations_per_epoch) * self.batch_per_process},
                 "rng": rng, "cfg": self.cfg.dump(), "world_size": self.world_size,
-                "metrics": {"best_top1_error": self.best_top1_error,
-                            "bad_train_images": all_gather_objects(self.bad_images)}}
+                "metrics": {"best_top1_error": self.best_top1_error, "unreadable_train_images": unreadable,
+                            "train_image_replacements": all_gather_objects(self.replacements)}}
 
     def save_checkpoint(self) -> None:
         state = self._state()
         if self.rank == 0:
             self.last_checkpoint = self.checkpointer.save(ckpt.checkpoint_name(self.iteration), state)
+            self._write_bad_images(state["metrics"]["unreadable_train_images"])
+
+    def _write_bad_images(self, paths: list[str]) -> None:
+        """The unreadable files of every process and every earlier attempt of this run."""
+        if paths:
+            atomic_write(self.output_dir / BAD_IMAGES, lambda stream: stream.write("".join(
+                f"{path}\n" for path in paths).encode()))
 
     def resume(self) -> None:
         """Continue from the run folder's last checkpoint; a fresh folder starts from scratch."""
@@ -321,12 +344,13 @@ class PretrainTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = state["iteration"]
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"][self.rank])
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"][self.rank], self.device)
         self.mixer.generator.set_state(state["rng"]["mixers"][self.rank])
         self.best_top1_error = state["metrics"]["best_top1_error"]
-        self.bad_images = state["metrics"]["bad_train_images"][self.rank]
+        self.unreadable = set(state["metrics"]["unreadable_train_images"])
+        self.replacements = state["metrics"]["train_image_replacements"][self.rank]
         self.last_checkpoint = path
         if self.rank == 0:
             logger.info("resumed from %s at iteration %d", path, self.iteration)

@@ -22,21 +22,40 @@ SALIENCY_INPUTS = ("pixels", "input")
 
 # ------------------------------------------------------------------------- plain tensor helpers
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: a plain ``.to(device)`` of a CPU
+    tensor waits for the GPU's queued work; a pinned, non-blocking copy is queued behind it."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def one_hot_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0,
-                    batch_size: int | None = None) -> torch.Tensor:
-    """``(B, K)`` float targets from class ids or soft rows, smoothed towards uniform."""
+                    batch_size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """``(B, K)`` float targets on ``device`` (default: the labels') from class ids or soft
+    rows, smoothed towards uniform.
+
+    Class ids are range-checked only while they are on the CPU: checking them on the GPU would
+    read values back and stall the step; there an id out of range trips scatter's device-side
+    assertion instead of this ValueError.
+    """
+    device = labels.device if device is None else device
     if labels.dim() == 1:
         if labels.is_floating_point():
             raise ValueError(f"class-id labels must be integers, got dtype {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        if labels.device.type == "cpu" and labels.numel() and (
+                int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
             raise ValueError(f"label {bad} is out of range for num_classes={num_classes}")
-        targets = torch.zeros(labels.shape[0], num_classes, device=labels.device)
-        targets.scatter_(1, labels.long().unsqueeze(1), 1.0)
+        targets = torch.zeros(labels.shape[0], num_classes, device=device)
+        targets.scatter_(1, to_device(labels, device).long().unsqueeze(1), 1.0)
     elif labels.dim() == 2:
         if labels.shape[1] != num_classes:
             raise ValueError(f"soft labels have {labels.shape[1]} columns but num_classes={num_classes}")
-        targets = labels.float()
+        targets = to_device(labels, device).float()
     else:
         raise ValueError(f"labels must be (B,) class ids or (B, K) soft targets, got shape {tuple(labels.shape)}")
     if batch_size is not None and targets.shape[0] != batch_size:
@@ -57,12 +76,16 @@ def centred_boxes(centres: torch.Tensor, size: torch.Tensor, height: int, width:
     """``(N, 4)`` boxes ``(top, left, bottom, right)`` of ``size = (h, w)`` centred on
     ``centres`` (row, column), clipped to the image as CutMix and SaliencyMix clip them."""
     half = size // 2
-    top_left = centres - half
-    bottom_right = centres + half
-    limits = torch.tensor([height, width], device=centres.device)
-    top_left = torch.minimum(top_left.clamp_min(0), limits)
-    bottom_right = torch.minimum(bottom_right.clamp_min(0), limits)
-    return torch.cat([top_left, bottom_right], dim=1)
+    return torch.cat([clamp_to_image(centres - half, height, width),
+                      clamp_to_image(centres + half, height, width)], dim=1)
+
+
+def clamp_to_image(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 2)`` (row, column) ``points`` clamped into ``[0, height] x [0, width]`` in place,
+    one axis at a time, so that no tensor of limits has to be copied to the device."""
+    points[:, 0].clamp_(0, height)
+    points[:, 1].clamp_(0, width)
+    return points
 
 
 def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -116,10 +139,7 @@ class BatchMixer:
         self.inplace = inplace
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() != 4:
-            raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
-        targets = one_hot_targets(labels.to(images.device), self.num_classes,
-                                  self.label_smoothing, batch_size=images.shape[0])
+        targets = self._targets(images, labels)
         if images.shape[0] == 0 or (self.prob < 1.0 and not self._uniform() < self.prob):
             return images, targets
         return self.mix(images if self.inplace else images.clone(), targets)
@@ -127,14 +147,22 @@ class BatchMixer:
     def mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _targets(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Targets on the images' device, the labels checked before they are copied there."""
+        if images.dim() != 4:
+            raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
+        return one_hot_targets(labels, self.num_classes, self.label_smoothing,
+                               batch_size=images.shape[0], device=images.device)
+
     # Randomness comes from ``generator`` (or torch's global generator) so that a seed fixes
-    # every draw, and stays on the CPU so that no draw waits for the GPU.
+    # every draw, and stays on the CPU so that no draw waits for the GPU; what the GPU needs
+    # of it is copied there without waiting.
     def _uniform(self, *size: int) -> torch.Tensor | float:
         values = torch.rand(size or (1,), generator=self.generator)
         return values if size else float(values)
 
     def _permutation(self, batch: int, device) -> torch.Tensor:
-        return torch.randperm(batch, generator=self.generator).to(device)
+        return to_device(torch.randperm(batch, generator=self.generator), device)
 
     def _beta(self) -> float:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
@@ -145,10 +173,7 @@ class NoMix(BatchMixer):
     """The baseline: images untouched (never copied), labels as (smoothed) one-hot targets."""
 
     def __call__(self, images, labels):
-        if images.dim() != 4:
-            raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
-        return images, one_hot_targets(labels.to(images.device), self.num_classes,
-                                       self.label_smoothing, batch_size=images.shape[0])
+        return images, self._targets(images, labels)
 
 
 class Cutout(BatchMixer):
@@ -164,10 +189,9 @@ class Cutout(BatchMixer):
     def mix(self, images, targets):
         batch, _, height, width = images.shape
         side = max(1, int(round(self.size * min(height, width))))
-        centres = (self._uniform(batch, 2) * torch.tensor([height, width])).long().to(images.device)
-        cut = torch.full((batch, 2), side, device=images.device)
-        boxes = centred_boxes(centres, cut, height, width)
-        images.masked_fill_(box_masks(boxes, height, width), 0)
+        centres = (self._uniform(batch, 2) * torch.tensor([height, width])).long()
+        boxes = centred_boxes(centres, torch.tensor([[side, side]]), height, width)
+        images.masked_fill_(box_masks(to_device(boxes, images.device), height, width), 0)
         return images, targets
 
 
@@ -239,6 +263,7 @@ class SaliencyMix(BatchMixer):
         self.saliency_on = saliency_on
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._normalisation_on = {}  # device -> (mean, std) there, copied once per device
 
     def detector_view(self, images: torch.Tensor) -> torch.Tensor:
         """What the saliency detector is shown: pixels in [0, 1], or the tensor as given."""
@@ -248,27 +273,40 @@ class SaliencyMix(BatchMixer):
             return images
         if self.mean.shape[1] != images.shape[1]:
             raise ValueError(f"mean/std have {self.mean.shape[1]} values for {images.shape[1]} channels")
-        return images.float() * self.std.to(images.device) + self.mean.to(images.device)
+        if images.device not in self._normalisation_on:
+            self._normalisation_on[images.device] = (to_device(self.mean, images.device),
+                                                     to_device(self.std, images.device))
+        mean, std = self._normalisation_on[images.device]
+        return images.float() * std + mean
 
     def mix(self, images, targets):
-        batch, _, height, width = images.shape
         lam = self._beta()
-        permutation = self._permutation(batch, images.device)
-        cut = cut_size(lam, height, width).to(images.device)
+        permutation = self._permutation(images.shape[0], images.device)
+        cut = cut_size(lam, *images.shape[2:])
         if self.box == "batch":
-            # One saliency map, of the first source image, places the box for every sample.
-            maps = self._saliency(images, permutation[:1], torch.zeros_like(permutation[:1]))
-            source_box, target_box = self._boxes(maps, cut, height, width, chosen_count=1)
-            if self.strategy == "sal2corr" or torch.equal(source_box, target_box):
-                top, left, bottom, right = source_box[0].tolist()
-                images[:, :, top:bottom, left:right] = images[permutation, :, top:bottom, left:right]
-            else:
-                paste_boxes(images, images[permutation], source_box.expand(batch, 4),
-                            target_box.expand(batch, 4))
-            lam = 1.0 - float(box_area_ratio(source_box, height, width))
-            return images, mix_targets(targets, permutation, lam)
-        maps = self._saliency(images, permutation, torch.arange(batch, device=images.device))
-        source_boxes, target_boxes = self._boxes(maps, cut.expand(batch, 2), height, width, batch)
+            return self._mix_batch_box(images, targets, permutation, cut)
+        return self._mix_sample_boxes(images, targets, permutation, cut)
+
+    def _mix_batch_box(self, images, targets, permutation, cut):
+        """One box, placed by the saliency of the first source image, for every sample. Its
+        centres are read back to the host once, the step's only wait for the GPU; the box is
+        then worked out in CPU tensors and pasted by slicing."""
+        height, width = images.shape[2:]
+        first = permutation[:1]
+        centres = self._centres(images, first, torch.zeros_like(first)).cpu()
+        source_box, target_box = self._boxes(centres, cut, height, width)
+        top, left, bottom, right = source_box[0].tolist()
+        to_top, to_left, to_bottom, to_right = target_box[0].tolist()
+        images[:, :, to_top:to_bottom, to_left:to_right] = images[permutation, :, top:bottom, left:right]
+        lam = 1.0 - float(box_area_ratio(source_box, height, width))
+        return images, mix_targets(targets, permutation, lam)
+
+    def _mix_sample_boxes(self, images, targets, permutation, cut):
+        """Each sample gets the box of its own source; the boxes never leave the device."""
+        batch, _, height, width = images.shape
+        centres = self._centres(images, permutation, torch.arange(batch, device=images.device))
+        source_boxes, target_boxes = self._boxes(to_device(centres, images.device),
+                                                 to_device(cut, images.device), height, width)
         source = images[permutation]
         if self.strategy == "sal2corr":
             torch.where(box_masks(source_boxes, height, width), source, images, out=images)
@@ -280,34 +318,37 @@ class SaliencyMix(BatchMixer):
     def _saliency(self, images, sources, targets):
         """Saliency maps of the source images, and of the target images when the strategy
         places the patch by the target's saliency; stacked as ``(sources, targets)``."""
-        if self.strategy == "center2center":
-            return None
         needed = torch.cat([sources, targets]) if self._needs_target_saliency() else sources
         return compute_saliency(self.detector_view(images[needed]), self.saliency, self.backend)
 
     def _needs_target_saliency(self) -> bool:
         return self.strategy in ("sal2sal", "sal2nonsal", "nonsal2sal", "nonsal2nonsal")
 
-    def _boxes(self, maps, cut, height, width, chosen_count):
-        """Source and target boxes of equal size for each of ``chosen_count`` sources."""
-        centre = torch.tensor([[height // 2, width // 2]], device=cut.device)
+    def _centres(self, images, sources, targets):
+        """``(2, N, 2)``: the (row, column) centres of the source and the target box of each
+        pair ``images[sources[i]] -> images[targets[i]]``, where the strategy puts them; on the
+        images' device, or on the CPU for center2center, which needs no saliency."""
+        count = sources.shape[0]
         if self.strategy == "center2center":
-            source_centres = target_centres = centre.expand(chosen_count, 2)
-        else:
-            source_lowest = self.strategy.startswith("nonsal")
-            source_centres = saliency_peaks(maps[:chosen_count], lowest=source_lowest)
-            if self.strategy == "sal2corr":
-                target_centres = source_centres
-            else:
-                target_lowest = self.strategy.endswith("2nonsal")
-                target_centres = saliency_peaks(maps[chosen_count:], lowest=target_lowest)
-        source_boxes = centred_boxes(source_centres, cut, height, width)
+            return torch.tensor([images.shape[2] // 2, images.shape[3] // 2]).repeat(2, count, 1)
+        maps = self._saliency(images, sources, targets)
+        source_centres = saliency_peaks(maps[:count], lowest=self.strategy.startswith("nonsal"))
+        if self.strategy == "sal2corr":
+            return torch.stack([source_centres, source_centres])
+        target_centres = saliency_peaks(maps[count:], lowest=self.strategy.endswith("2nonsal"))
+        return torch.stack([source_centres, target_centres])
+
+    def _boxes(self, centres, cut, height, width):
+        """Source and target boxes around ``centres`` (``(2, N, 2)``, as ``_centres`` gives
+        them), of size ``cut``: the source box clipped at the border, the target box of the
+        same size moved inside the image."""
+        source_boxes = centred_boxes(centres[0], cut, height, width)
         if self.strategy in ("sal2corr", "center2center"):
             return source_boxes, source_boxes
         size = source_boxes[:, 2:] - source_boxes[:, :2]
-        limits = torch.tensor([height, width], device=cut.device)
-        top_left = torch.minimum((target_centres - size // 2).clamp_min(0), limits - size)
-        return source_boxes, torch.cat([top_left, top_left + size], dim=1)
+        # Top left at max(centre - size // 2, 0), moved back so that the box ends inside the image.
+        bottom_right = clamp_to_image((centres[1] - size // 2).clamp_min(0) + size, height, width)
+        return source_boxes, torch.cat([bottom_right - size, bottom_right], dim=1)
 
 
 MIXERS = {

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fvcore.common.config import CfgNode
 
+from pretrain.distributed import rendezvous_port
 from study_runner import records
 from study_runner.execute import run_stage
 from study_runner.stages import Stage
@@ -31,11 +32,6 @@ JOB_PREFIX = "smix"
 
 class SlurmUnavailable(RuntimeError):
     """SLURM's commands are missing or do not answer."""
-
-
-def rendezvous_port(job_id: str) -> int:
-    """One port per job, the same on every node of it."""
-    return 20000 + int(str(job_id).split("_")[0]) % 20000
 
 
 class StageJob:

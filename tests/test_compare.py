@@ -285,9 +285,9 @@ def test_cli_writes_beside_the_runs_by_default(runs_root):
 def test_cli_errors_name_the_folder_and_the_methods(runs_root, tmp_path):
     (tmp_path / "notes").mkdir()
     result = run_cli(runs_root, tmp_path / "notes")
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input: one error line, exit status 2
     assert result.stderr == (f"error: {tmp_path / 'notes' / RUN_INFO} is missing: "
                              f"is {tmp_path / 'notes'} a finished detection run?\n")
     result = run_cli(runs_root / "saliencymix")
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input: one error line, exit status 2
     assert "available methods: saliencymix" in result.stderr

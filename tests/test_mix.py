@@ -8,7 +8,9 @@ clone of the mixer's generator.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -773,3 +775,59 @@ def test_same_seed_same_output(entry):
         assert torch.equal(a, b) and torch.equal(ta, tb)
     assert any(not torch.equal(a, c) for (a, _), (c, _) in zip(first, other))
     assert not torch.equal(first[0][0], first[1][0]), "consecutive calls repeat their draws"
+
+
+# ------------------------------------------------------- 10. host-device synchronisations
+
+def bench_common():
+    """``bench/common.py`` (not a package): its SyncCounter is what the benchmark reports with."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SyncCounter = bench_common().SyncCounter
+
+
+def test_sync_counter_sees_each_kind_of_sync():
+    """The counter is not blind: reads back, blocking uploads and literals made on the device
+    count as syncs; a non-blocking upload does not."""
+    with SyncCounter() as counter:
+        x = counter.on_device(torch.arange(6.0))
+        float(x.sum()), x.tolist(), torch.equal(x, x), x[x > 2], x.cpu()
+        torch.arange(3).to(x.device), torch.tensor([1, 2], device=x.device)
+        torch.zeros(6).copy_(x)
+        torch.arange(3).to(x.device, non_blocking=True)
+        torch.empty(3, device=x.device).copy_(torch.arange(3.0), non_blocking=True)
+    assert len(counter.syncs) == 8, counter.syncs
+    assert len(counter.uploads) == 2, counter.uploads
+
+
+@pytest.mark.parametrize("labels_on", ["host", "device"])
+@pytest.mark.parametrize("entry", ALL_MIXERS + [
+    ("saliencymix", {"box": "batch", "strategy": "sal2sal"}),
+    ("saliencymix", {"box": "batch", "strategy": "center2center"}),
+    ("saliencymix", {"box": "sample", "strategy": "nonsal2sal"}),
+    ("saliencymix", {"box": "sample", "strategy": "center2center"}),
+], ids=mixer_id)
+def test_host_waits_for_the_device_at_most_once(entry, labels_on):
+    """On a GPU the host must not wait for the device inside a mixer, as ``.item()``, a blocking
+    upload and the like make it: counted on a stand-in device (a CPU cannot time them), no
+    mixer syncs, but SaliencyMix box="batch", which reads its box's centres back once (not for
+    center2center, which needs no saliency). Class ids already on the device are not
+    range-checked (that would read them back). The results are those of a CPU run. The saliency
+    maps' own syncs are pretrain/saliency.py's and not counted here."""
+    name, options = entry
+    extra = {"mean": MEAN, "std": STD} if name == "saliencymix" else {}
+    images = tagged_images()
+    expected = make(name, options, seed=3, **extra)(images, LABELS)
+    with SyncCounter() as counter:
+        labels = counter.on_device(LABELS) if labels_on == "device" else LABELS
+        out = make(name, options, seed=3, **extra)(counter.on_device(images), labels)
+    for got, want in zip(out, expected):
+        assert torch.equal(counter.on_host(got), want)
+    syncs = [sync for sync in counter.syncs if " at saliency.py:" not in sync]
+    reads_box_back = name == "saliencymix" and options["box"] == "batch" and options.get("strategy") != "center2center"
+    assert len(syncs) == int(reads_box_back), syncs

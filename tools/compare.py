@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
 from detection.report import (  # noqa: E402
     compare_runs,
     default_output_dir,
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_usage_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warning: {warning}", file=sys.stderr)
         paths = write_report(report, args.output or default_output_dir(runs))
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise UsageError(str(exc)) from None
     for path in paths.values():
         print(f"wrote {path}")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
 from pretrain.export import FORMATS, ExportError, convert  # noqa: E402
 
 
@@ -36,12 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_usage_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         print(convert(args.input, args.output, args.format, args.trust_pickle))
-    except ExportError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except ExportError as exc:  # a missing, unreadable or incomplete input, named in the message
+        raise UsageError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.atomic_file import atomic_write_json  # noqa: E402
+from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
 from pretrain.cost import cost_table, read_run  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@reports_usage_errors
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         rows = cost_table([read_run(run) for run in args.runs])
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise UsageError(str(error)) from None
     print(format_table(rows))
     if args.output:
         atomic_write_json(args.output, rows)

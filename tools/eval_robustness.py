@@ -20,12 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.atomic_file import atomic_write_json  # noqa: E402
 from pretrain.checkpoint import weights_to_evaluate  # noqa: E402
-from pretrain.config import setup_cfg  # noqa: E402
+from pretrain.cli import check_launch, merge_config, reports_usage_errors  # noqa: E402
+from pretrain.config import get_cfg  # noqa: E402
 from pretrain.data import build_val_loader, world  # noqa: E402
-from pretrain.distributed import default_argument_parser, launch, local_device  # noqa: E402
+from pretrain.distributed import default_argument_parser, launch, local_device, planned_world_size  # noqa: E402
 from pretrain.export import load_resnet_state_dict  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm  # noqa: E402
+from pretrain.validate import check_pretrain_cfg  # noqa: E402
 
 DEFAULT_EPSILON = 8.0
 
@@ -34,8 +36,18 @@ def result_path(weights: Path, epsilon: float) -> Path:
     return weights.with_name(f"{weights.stem}_fgsm_eps{epsilon:g}.json")
 
 
-def main(args) -> dict:
-    cfg = setup_cfg(args.config_file, args.opts)
+@reports_usage_errors
+def setup(args):
+    """The frozen config and the weights to attack, checked before any process starts."""
+    check_launch(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+    cfg = merge_config(get_cfg(), args.config_file, args.opts)
+    check_pretrain_cfg(cfg, train=False, world_size=planned_world_size(args.num_gpus, args.num_machines))
+    weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
+    cfg.freeze()
+    return cfg
+
+
+def main(cfg, args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     weights = weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
     device = local_device()
@@ -62,5 +74,5 @@ if __name__ == "__main__":
     parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                         help="the attack's step in pixel units of the 0-255 image (default 8)")
     arguments = parser.parse_args()
-    launch(main, (arguments,), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
+    launch(main, (setup(arguments), arguments), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
            machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)

@@ -5,10 +5,12 @@
     python tools/pretrain.py --config-file ... --resume                      # continue the run
     python tools/pretrain.py --config-file ... --eval-only MODEL.WEIGHTS run/model_best.pth
     torchrun --nnodes 2 --nproc-per-node 8 ... tools/pretrain.py --config-file ...   # multi-node
+    srun --ntasks-per-node 8 ... tools/pretrain.py --config-file ...                 # one process per SLURM task
     python tools/pretrain.py --config-file configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml DATA.ROOT ~/cifar
 
 Trailing ``KEY VALUE`` pairs override the config (``SOLVER.BATCH_SIZE 512 DATA.ROOT /data``).
-On a machine without GPUs, ``--num-gpus N`` runs N CPU processes (gloo).
+On a machine without GPUs, ``--num-gpus N`` runs N CPU processes (gloo). The config, the data
+and the process layout are checked before any process starts: a mistake is one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -20,13 +22,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.checkpoint import weights_to_evaluate  # noqa: E402
-from pretrain.config import setup_cfg  # noqa: E402
-from pretrain.distributed import default_argument_parser, launch  # noqa: E402
+from pretrain.cli import check_launch, merge_config, reports_usage_errors  # noqa: E402
+from pretrain.config import get_cfg  # noqa: E402
+from pretrain.distributed import default_argument_parser, launch, planned_world_size  # noqa: E402
 from pretrain.engine import PretrainTrainer  # noqa: E402
+from pretrain.validate import check_pretrain_cfg  # noqa: E402
 
 
-def main(args) -> dict:
-    cfg = setup_cfg(args.config_file, args.opts)
+@reports_usage_errors
+def setup(args):
+    """The frozen config, checked with the data and the process layout it will run with."""
+    check_launch(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+    cfg = merge_config(get_cfg(), args.config_file, args.opts)
+    check_pretrain_cfg(cfg, world_size=planned_world_size(args.num_gpus, args.num_machines))
+    if args.eval_only:
+        weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
+    cfg.freeze()
+    return cfg
+
+
+def main(cfg, args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = PretrainTrainer(cfg, resume=args.resume and not args.eval_only)
     if trainer.rank == 0:
@@ -47,5 +62,6 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     arguments = default_argument_parser(__doc__).parse_args()
-    launch(main, (arguments,), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
+    config = setup(arguments)
+    launch(main, (config, arguments), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
            machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)

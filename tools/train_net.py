@@ -6,11 +6,13 @@
     python tools/train_net.py ... --trials 5          # seeds SEED, SEED+1, ... into OUTPUT_DIR/trial_<k>
     python tools/train_net.py ... --eval-only MODEL.WEIGHTS OUTPUT_DIR/model_final.pth
     python tools/train_net.py ... --engine torchvision MODEL.WEIGHTS r50_saliencymix.pth
+    torchrun --nproc-per-node 8 tools/train_net.py ...      # or srun with one task per GPU
 
 Detectron2 is used when it is installed; otherwise (or with ``--engine torchvision``) torchvision's
 Faster R-CNN R50-FPN is fine-tuned from the exporter's ``--format torchvision`` weights with the
 same schedule keys and evaluator. Each run folder ends with ``run_info.json`` and
-``eval_results.json`` for ``tools/compare.py``.
+``eval_results.json`` for ``tools/compare.py``. The config, the data, the weights and the process
+layout are checked before any process starts: a mistake is one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -19,26 +21,23 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detection import records  # noqa: E402
 from detection.config import ENGINES, get_detection_cfg  # noqa: E402
 from detection.datasets import resolve  # noqa: E402
+from pretrain.cli import UsageError, check_file, check_launch, merge_config, reports_usage_errors  # noqa: E402
 from pretrain.data import world  # noqa: E402
+from pretrain.distributed import default_argument_parser, launch, planned_world_size  # noqa: E402
 
 logger = logging.getLogger("train_net")
 DETECTRON2_INSTALLED = importlib.util.find_spec("detectron2") is not None
 
 
 def argument_parser():
-    if DETECTRON2_INSTALLED:
-        from detectron2.engine import default_argument_parser
-
-        parser = default_argument_parser(epilog=__doc__)
-    else:
-        from pretrain.distributed import default_argument_parser
-
-        parser = default_argument_parser(__doc__)
+    parser = default_argument_parser(__doc__)
     parser.add_argument("--engine", choices=ENGINES, help="default: detectron2 when installed, else torchvision")
     parser.add_argument("--trials", type=int, default=1, help="runs with seeds SEED, SEED+1, ... in trial_<k> folders")
     return parser
@@ -46,7 +45,7 @@ def argument_parser():
 
 def choose_engine(requested: str | None) -> str:
     if requested == "detectron2" and not DETECTRON2_INSTALLED:
-        raise SystemExit("error: --engine detectron2, but Detectron2 is not installed (see README: Detectron2)")
+        raise UsageError("--engine detectron2, but Detectron2 is not installed (see README: Detectron2)")
     if requested:
         return requested
     if DETECTRON2_INSTALLED:
@@ -56,29 +55,44 @@ def choose_engine(requested: str | None) -> str:
 
 
 def setup(args, engine: str, trial: int):
-    cfg = get_detection_cfg(engine)
-    config_file = Path(args.config_file)
-    if not config_file.is_file():
-        raise SystemExit(f"error: config file {config_file} does not exist")
-    cfg.merge_from_file(str(config_file))
-    if len(args.opts) % 2:
-        raise SystemExit(f"error: config overrides come in KEY VALUE pairs, got {args.opts}")
-    cfg.merge_from_list(args.opts)
+    cfg = merge_config(get_detection_cfg(engine), args.config_file, args.opts)
     if args.trials > 1:
         cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / f"trial_{trial}")
         cfg.SEED = max(cfg.SEED, 0) + trial
-    check_class_count(cfg)
     cfg.freeze()
     return cfg
 
 
-def check_class_count(cfg) -> None:
-    """The box predictor's size must match the datasets' classes; say so before any training."""
+@reports_usage_errors
+def setup_trials(args) -> list:
+    """Every trial's frozen config, checked with its data, weights and process layout."""
+    args.engine = choose_engine(args.engine)
+    check_launch(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
+    if args.trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {args.trials}")
+    configs = [setup(args, args.engine, trial) for trial in range(args.trials)]
+    check_run(configs[0], planned_world_size(args.num_gpus, args.num_machines))
+    return configs
+
+
+def check_run(cfg, world_size: int) -> None:
+    """The datasets (their split files and class count), the weights and the device."""
     for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
-        classes = resolve(name, cfg).class_names
-        if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            raise SystemExit(f"error: MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but "
-                             f"dataset {name} has {len(classes)} classes")
+        try:
+            dataset = resolve(name, cfg)
+        except KeyError as error:
+            raise UsageError(str(error).strip("'\"")) from None
+        split_file = dataset.root / "ImageSets" / "Main" / f"{dataset.split}.txt"
+        if not split_file.is_file():
+            raise UsageError(f"dataset {name}: {split_file} does not exist (TRANSFER.VOC_ROOT or $DETECTRON2_DATASETS)")
+        if len(dataset.class_names) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise UsageError(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset {name} "
+                             f"has {len(dataset.class_names)} classes")
+    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
+        check_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+    if world_size > 1 and torch.device(cfg.MODEL.DEVICE).index is not None:
+        raise UsageError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}, which puts all {world_size} processes on one GPU; "
+                         f"use MODEL.DEVICE {torch.device(cfg.MODEL.DEVICE).type} (each process takes its own)")
 
 
 def primary_results(results: dict) -> dict:
@@ -130,19 +144,22 @@ def run_torchvision(cfg, args) -> dict:
     return torchvision_engine.evaluate(cfg)
 
 
-def main(args) -> list[dict]:
-    """Every trial of one engine (``args.engine``, already chosen by ``choose_engine``)."""
+def detectron2_machine_group(local_world_size: int) -> None:
+    """Detectron2's per-machine process group, which its own launcher would have made."""
+    from detectron2.utils import comm
+
+    comm.create_local_process_group(local_world_size)
+
+
+def main(configs: list, args) -> list[dict]:
+    """Every trial of one engine (``args.engine``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = args.engine
-    if args.trials < 1:
-        raise SystemExit(f"error: --trials must be at least 1, got {args.trials}")
     outcomes = []
-    for trial in range(args.trials):
-        cfg = setup(args, engine, trial)
-        results = (run_detectron2 if engine == "detectron2" else run_torchvision)(cfg, args)
+    for cfg in configs:
+        results = (run_detectron2 if args.engine == "detectron2" else run_torchvision)(cfg, args)
         if world()[0] == 0:
             results = primary_results(results)
-            records.write_run_info(cfg.OUTPUT_DIR, cfg, engine)
+            records.write_run_info(cfg.OUTPUT_DIR, cfg, args.engine)
             records.write_eval_results(cfg.OUTPUT_DIR, results, iteration=cfg.SOLVER.MAX_ITER)
             bbox = results["bbox"]
             print(f"{cfg.OUTPUT_DIR}: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  AP75 {bbox['AP75']:.2f}")
@@ -152,14 +169,7 @@ def main(args) -> list[dict]:
 
 if __name__ == "__main__":
     arguments = argument_parser().parse_args()
-    arguments.engine = choose_engine(arguments.engine)
-    if arguments.engine == "detectron2":
-        from detectron2.engine import launch as detectron2_launch
-
-        detectron2_launch(main, arguments.num_gpus, num_machines=arguments.num_machines,
-                          machine_rank=arguments.machine_rank, dist_url=arguments.dist_url, args=(arguments,))
-    else:
-        from pretrain.distributed import launch
-
-        launch(main, (arguments,), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
-               machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)
+    trials = setup_trials(arguments)
+    launch(main, (trials, arguments), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
+           machine_rank=arguments.machine_rank, dist_url=arguments.dist_url,
+           after_init=detectron2_machine_group if arguments.engine == "detectron2" else None)
