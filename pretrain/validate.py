@@ -9,7 +9,7 @@ import torch
 from pretrain.cifar import LAYOUTS
 from pretrain.cli import UsageError, check_choice
 from pretrain.data import AUGMENTATIONS, DATASETS, resolve_data_root
-from pretrain.engine import AMP_DTYPES, SCHEDULES, build_mixer_from_config
+from pretrain.engine import AMP_DTYPES, SCHEDULES, build_lr_schedule, build_mixer_from_config
 from pretrain.models import build_model
 
 
@@ -28,7 +28,8 @@ def check_pretrain_cfg(cfg, train: bool = True, world_size: int = 1) -> None:
     if train and cfg.SOLVER.BATCH_SIZE % world_size:
         raise UsageError(f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} does not divide among {world_size} processes")
     for section, build in (("MODEL", lambda: build_model(cfg)),
-                           ("MIX", lambda: build_mixer_from_config(cfg, torch.Generator()))):
+                           ("MIX", lambda: build_mixer_from_config(cfg, torch.Generator())),
+                           ("SOLVER", lambda: build_lr_schedule(cfg, iterations_per_epoch=1000))):
         try:
             with torch.device("meta"):
                 build()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,29 @@ def test_checkpoints_are_written_atomically(tmp_path):
     with pytest.raises(RuntimeError, match="cannot read checkpoint .*garbage.pth"):
         (tmp_path / "garbage.pth").write_bytes(b"nope")
         ckpt.load(tmp_path / "garbage.pth")
+
+
+def test_distinct_unreadable_files_are_listed_across_processes_epochs_and_resumes(imagenet, tmp_path):
+    root = tmp_path / "imagenet"
+    shutil.copytree(imagenet, root)
+    (root / "train" / "n00000002" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    command = [sys.executable, str(REPO / "tools/pretrain.py"), "--config-file",
+               str(REPO / "configs/pretrain/r50_none.yaml"), "--num-gpus", "2",
+               *cli_overrides(root, tmp_path / "run"), "SOLVER.EPOCHS", "3", "SOLVER.STEP_EPOCHS", "(2,)"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["bad_train_images"] == 2 and result["train_image_replacements"] == 6  # 2 files x 3 epochs
+    listed = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
+    assert sorted(Path(path).name for path in listed) == ["broken.jpg", "truncated.jpg"]
+    final = ckpt.load(tmp_path / "run" / ckpt.FINAL_NAME)
+    assert len(final["rng"]["torch"]) == 2 and not torch.equal(*final["rng"]["torch"])  # one state per rank
+
+    # Resumed from the end of epoch 1: the list keeps both files, the counts go on from there.
+    (tmp_path / "run" / ckpt.LAST_POINTER).write_text(ckpt.checkpoint_name(8))
+    (tmp_path / "run" / "bad_images.txt").unlink()
+    resumed = subprocess.run([*command[:2], "--resume", *command[2:]], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert again["bad_train_images"] == 2 and again["train_image_replacements"] == 6
+    assert len((tmp_path / "run" / "bad_images.txt").read_text().splitlines()) == 2

@@ -5,10 +5,12 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from study_runner.config import get_study_cfg
 from study_runner.slurm import describe, job_parameters, live_jobs
@@ -137,3 +139,19 @@ def _long_pretraining() -> list[str]:
     options = dict(zip(PRETRAIN_OPTS[::2], PRETRAIN_OPTS[1::2]))
     options["SOLVER.EPOCHS"] = "40"
     return [item for pair in options.items() for item in pair]
+
+
+@needs_slurm
+def test_pretraining_runs_one_process_per_task_of_an_srun_step(tmp_path):
+    from tiny_study import REPO
+
+    data = make_data(tmp_path / "data")
+    run = subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", "--mem-per-cpu", "1024", "--time", "10",
+                          sys.executable, str(REPO / "tools/pretrain.py"), "--config-file",
+                          str(REPO / "configs/demo/pretrain_none.yaml"), "DATA.ROOT", str(data / "classification"),
+                          "OUTPUT_DIR", str(tmp_path / "run"), "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "10",
+                          "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36", "DATA.NUM_WORKERS", "0"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]["torch"]) == 2

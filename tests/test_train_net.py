@@ -133,3 +133,19 @@ def test_a_yaml_transfer_section_merges_into_either_engines_config(engine):
     cfg = get_detection_cfg(engine)
     cfg.merge_from_file(str(REPO / "configs/demo/detection.yaml"))
     assert cfg.TRANSFER.DATASET_NAME == "demo_voc" and len(cfg.TRANSFER.CLASS_NAMES) == 5
+
+
+def test_detectron2_under_torchrun_runs_as_one_process_group(exported, tmp_path):
+    """Evaluation only: Detectron2's DDP wrapper asks for a GPU per process, so a CPU cannot train
+    with two; evaluation shards the test set over the processes and gathers their outputs."""
+    pytest.importorskip("detectron2")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(REPO / "tools/train_net.py"), "--engine", "detectron2", "--eval-only", "--config-file",
+                          str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
+                          *overrides(exported["voc"], tmp_path, exported["pkl"]), *SMALL_HEADS],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert "Rank of current process: 0. World size: 2" in log  # (the other rank logs to its file only)
+    assert "Start inference on 3 batches" in log  # each process: 3 of the 6 test images
+    assert_finished_run(tmp_path, "detectron2")
