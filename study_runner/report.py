@@ -74,12 +74,17 @@ def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
             ap=summary and format_mean_std(summary["mean"]["AP"], summary["std"]["AP"]),
             ap75=summary and format_mean_std(summary["mean"]["AP75"], summary["std"]["AP75"]),
             gain="baseline" if method == cfg.STUDY.BASELINE else format_gain(gain) if gain else None,
-            paper_gain=(f"{paper_value - baseline_paper:+.2f}" if paper_value is not None and baseline_paper
-                        is not None and method != cfg.STUDY.BASELINE else None)))
+            paper_gain=paper_gain(method, paper_value, baseline_paper, cfg.STUDY.BASELINE)))
     return {"name": "detection", "title": "VOC detection AP50 (%), mean over trials, higher is better",
             "value": "AP50", "columns": {"trials": "trials", "ap50": "AP50 mean ± std", "ap": "AP", "ap75": "AP75",
                                          "gain": "gain AP50 [95% CI]", "paper_gain": "paper gain"},
             "rows": rows}
+
+
+def paper_gain(method: str, value: float | None, baseline_value: float | None, baseline: str) -> str | None:
+    if method == baseline:
+        return "baseline"
+    return None if value is None or baseline_value is None else f"{value - baseline_value:+.2f}"
 
 
 def robustness_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
