@@ -9,6 +9,7 @@
 
     python bench/bench_mix.py                       # 64 x 224 x 224 (and 64 x 256 x 256 on a GPU)
     python bench/bench_mix.py --sizes 224 --repeats 5 --device cuda
+    python bench/bench_mix.py --skip-model --methods frequency_tuned --uint8   # one detector, float and 8-bit
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import BENCH_MIXERS, normalise  # noqa: E402
 from pretrain.mix import build_mixer  # noqa: E402
-from pretrain.saliency import METHODS, compute_saliency  # noqa: E402
+from pretrain.saliency import METHODS, compute_saliency, to_uint8  # noqa: E402
 
 SPEEDUP_TARGETS = {"fine_grained": 5.0, "frequency_tuned": 5.0}
 
@@ -55,17 +56,19 @@ def verdict(value: float, target: float | None, higher_is_better: bool) -> str:
     return f"target {'>=' if higher_is_better else '<='} {target:g}: {'met' if ok else 'NOT met'}"
 
 
-def bench_saliency(pixels: torch.Tensor, device: torch.device, repeats: int) -> None:
+def bench_saliency(pixels: torch.Tensor, device: torch.device, repeats: int, methods, uint8: bool) -> None:
     print(f"\nsaliency of {tuple(pixels.shape)} on {device}: OpenCV loop (CPU) vs torch batched")
-    print(f"{'method':<20}{'opencv ms':>11}{'torch ms':>11}{'speed-up':>10}  ")
-    on_device = pixels.to(device)
-    for method in METHODS:
-        opencv = timed(lambda: compute_saliency(pixels, method, "opencv"), torch.device("cpu"), repeats)
-        batched = timed(lambda: compute_saliency(on_device, method, "torch"), device, repeats)
-        ratio = opencv / batched
-        target = SPEEDUP_TARGETS.get(method)
-        print(f"{method:<20}{opencv * 1e3:>11.1f}{batched * 1e3:>11.1f}{ratio:>9.1f}x  "
-              f"{verdict(ratio, target, higher_is_better=True)}")
+    print(f"{'method':<28}{'opencv ms':>11}{'torch ms':>11}{'speed-up':>10}  ")
+    inputs = [("", pixels)] + ([(" (uint8)", to_uint8(pixels))] if uint8 else [])
+    for method in methods:
+        for suffix, images in inputs:
+            on_device = images.to(device)
+            opencv = timed(lambda: compute_saliency(images, method, "opencv"), torch.device("cpu"), repeats)
+            batched = timed(lambda: compute_saliency(on_device, method, "torch"), device, repeats)
+            ratio = opencv / batched
+            target = SPEEDUP_TARGETS.get(method)
+            print(f"{method + suffix:<28}{opencv * 1e3:>11.1f}{batched * 1e3:>11.1f}{ratio:>9.1f}x  "
+                  f"{verdict(ratio, target, higher_is_better=True)}")
 
 
 def bench_mixers(images: torch.Tensor, labels: torch.Tensor, device: torch.device, repeats: int,
@@ -96,6 +99,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--model-repeats", type=int, default=3, help="timed ResNet-50 steps")
     parser.add_argument("--skip-model", action="store_true", help="only the saliency comparison")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="saliency methods to time (default all)")
+    parser.add_argument("--uint8", action="store_true",
+                        help="also time the saliency on the batch as 8-bit images")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sizes = args.sizes or ([224, 256] if device.type == "cuda" else [224])
@@ -104,7 +111,7 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(0)
     for size in sizes:
         pixels = torch.rand(args.batch_size, 3, size, size, generator=generator)
-        bench_saliency(pixels, device, args.repeats)
+        bench_saliency(pixels, device, args.repeats, args.methods, args.uint8)
         if not args.skip_model:
             images = normalise(pixels).to(device)
             labels = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)

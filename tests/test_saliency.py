@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pretrain import saliency
 from pretrain.saliency import METHODS, compute_saliency, saliency_peaks
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -72,6 +74,47 @@ def test_uint8_images_give_the_same_maps_as_their_float_values():
     for method in METHODS:
         torch.testing.assert_close(compute_saliency(images, method),
                                    compute_saliency(images.float() / 255, method), rtol=0, atol=1e-5)
+
+
+def reference_frequency_tuned(images: torch.Tensor) -> torch.Tensor:
+    """Frequency tuned written plainly, in float64: OpenCV's float RGB -> Lab with its
+    constants and masked branches, a 5 x 5 binomial convolution over reflected borders, the
+    distance to the mean colour scaled to a peak of 1."""
+    x = images.double() / 255 if images.dtype == torch.uint8 else images.double().clamp(0, 1)
+    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    rgb_to_xyz = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                               [0.019334, 0.119193, 0.950227]], dtype=torch.float64)
+    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=torch.float64).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", rgb_to_xyz, linear) / white
+    f = torch.where(xyz > 0.008856, xyz ** (1 / 3), 7.787 * xyz + 16 / 116)
+    lab = torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+    binomial = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64) / 16
+    kernel = torch.outer(binomial, binomial).expand(3, 1, 5, 5)
+    blurred = F.conv2d(F.pad(lab, (2, 2, 2, 2), mode="reflect"), kernel, groups=3)
+    distance = (blurred - lab.mean(dim=(2, 3), keepdim=True)).norm(dim=1)
+    return (distance / distance.amax(dim=(1, 2), keepdim=True)).float()
+
+
+def frequency_tuned_inputs() -> list[torch.Tensor]:
+    """Real photographs as uint8 and as floats, and random uint8 and float batches of odd
+    sizes (the floats partly outside [0, 1])."""
+    generator = torch.Generator().manual_seed(0)
+    photos = [torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1)[None]
+              for name in ("astronaut", "chelsea", "coffee")]
+    return [*photos, *(photo.float() / 255 for photo in photos),
+            torch.randint(0, 256, (7, 3, 50, 61), generator=generator, dtype=torch.uint8),
+            torch.rand(7, 3, 37, 91, generator=generator) * 1.4 - 0.2]
+
+
+@pytest.mark.parametrize("chunk_pixels", [None, 7000], ids=["default_chunks", "two_images_a_chunk"])
+def test_frequency_tuned_equals_the_straightforward_formulation(chunk_pixels, monkeypatch):
+    """The fast path (8-bit lookup table, exp2/log2 powers, masks folded away, box-sum blur,
+    chunks) gives the plain formulation's maps up to float32 rounding."""
+    if chunk_pixels is not None:
+        monkeypatch.setattr(saliency, "_CPU_CHUNK_PIXELS", chunk_pixels)
+    for images in frequency_tuned_inputs():
+        torch.testing.assert_close(compute_saliency(images, "frequency_tuned"),
+                                   reference_frequency_tuned(images), rtol=0, atol=5e-6)
 
 
 def test_salient_square_is_found():
