@@ -41,3 +41,11 @@ def resolve(name: str, cfg) -> VOCDataset:
     known = f"{prefix}<split> (TRANSFER.VOC_ROOT {transfer.VOC_ROOT!r})" if transfer.VOC_ROOT else \
         "set TRANSFER.VOC_ROOT and name its splits <TRANSFER.DATASET_NAME>_<split>"
     raise KeyError(f"unknown dataset {name!r}: not a built-in VOC name (voc_2007_trainval, ...); {known}")
+
+
+def check_class_count(dataset: VOCDataset, cfg) -> VOCDataset:
+    """``dataset``, refusing a class list of another size than the box predictor's."""
+    if len(dataset.class_names) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
+                         f"{dataset.name} has {len(dataset.class_names)} classes")
+    return dataset

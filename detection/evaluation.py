@@ -29,7 +29,6 @@ evaluation runs on arrays; an ``image_id`` outside the split or a class id outsi
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from detection.voc import VOC_CLASSES, annotation_file, parse_annotation, read_split_ids, split_file
+from pretrain.distributed import all_gather_objects
 
 IOU_THRESHOLDS_PERCENT = tuple(range(50, 100, 5))
 ELEVEN_RECALL_LEVELS = np.arange(0.0, 1.1, 0.1)  # Detectron2's grid, float quirks included
@@ -90,7 +90,7 @@ class VOCDetectionEvaluator:
     under their own top-level key, a flat ``{name: float}`` that Detectron2's
     ``print_csv_format``, ``flatten_results_dict`` and ``verify_results`` all accept.
     Other processes return ``{}``. Under ``torch.distributed`` every process must call
-    ``evaluate()``: the detections are gathered on rank 0 (over gloo) as Detectron2 does.
+    ``evaluate()``: every process's detections are gathered, in rank order, and rank 0 scores them.
     """
 
     def __init__(self, dataset_root, split: str, year: int, class_names: Sequence[str] = VOC_CLASSES):
@@ -112,8 +112,8 @@ class VOCDetectionEvaluator:
             self._detections.append(self._image_detections(image_id, output))
 
     def evaluate(self) -> dict:
-        gathered = gather_on_main(Detections.concatenate(self._detections))
-        if gathered is None:
+        gathered = all_gather_objects(Detections.concatenate(self._detections))
+        if dist.is_initialized() and dist.get_rank() != 0:
             return {}
         detections = Detections.concatenate(gathered)
         ap = average_precisions(as_written_by_detectron2(detections), self._loaded_ground_truth(),
@@ -181,24 +181,6 @@ def as_numpy(values) -> np.ndarray:
             values = values.float()
         return values.numpy()
     return np.asarray(values)
-
-
-def gather_on_main(payload):
-    """Every process's payload, in rank order, on rank 0 and ``None`` elsewhere (Detectron2's
-    ``comm.gather``); over a gloo group so that NCCL jobs need no GPU memory for it."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [payload]
-    group = None if dist.get_backend() == "gloo" else _gloo_group(dist.group.WORLD)
-    main = dist.get_rank() == 0
-    received = [None] * dist.get_world_size() if main else None
-    dist.gather_object(payload, received, dst=0, group=group)
-    return received if main else None
-
-
-@functools.lru_cache(maxsize=None)
-def _gloo_group(world):
-    """One gloo group per default process group (creating one is collective: all ranks call it)."""
-    return dist.new_group(backend="gloo")
 
 
 def load_ground_truth(root: str, image_ids: Sequence[str], class_names: Sequence[str]) -> GroundTruth:

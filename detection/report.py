@@ -2,9 +2,9 @@
 std of AP / AP50 / AP75 per method, and each method's gain over a baseline with a 95% Welch
 confidence interval. Plain functions over the dicts of ``detection.records.read_run``.
 
-Detection scores move by a few tenths between seeds (REFERENCE.md: std of AP50 about 0.2), so a
-gain only means something next to its interval; the interval is Welch's because the methods'
-spreads need not be equal. The Student-t quantile is computed here (no scipy dependency).
+Detection scores move by a few tenths between seeds (in the VOC transfer protocol the std of
+AP50 over seeds is about 0.2), so a gain only means something next to its interval
+(``detection.stats``).
 """
 from __future__ import annotations
 
@@ -13,124 +13,18 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from detection.records import EVAL_RESULTS, PROTOCOL_KEYS, RUN_INFO, read_run
+from detection.stats import CONFIDENCE, mean_and_std, welch_interval
 from pretrain.atomic_file import atomic_write, atomic_write_json
 
 METRICS = ("AP", "AP50", "AP75")
 CHART_METRIC = "AP50"
 GAIN_COLUMNS = ("AP50", "AP", "AP75")  # the headline gain first
-CONFIDENCE = 0.95
 NOT_AVAILABLE = "n/a"
 OUTPUT_NAMES = {"csv": "comparison.csv", "json": "comparison.json", "png": "comparison.png"}
-
-# ------------------------------------------------------------------------ Student-t quantile
-
-_CONTINUED_FRACTION_EPS = 1e-15
-_CONTINUED_FRACTION_MAX_TERMS = 100_000  # the fraction needs ~sqrt(max(a, b)) terms
-_TINY = 1e-300
-
-
-def _beta_continued_fraction(x: float, a: float, b: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz), which converges
-    quickly for ``x < (a + 1) / (a + b + 2)``."""
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > _TINY else _TINY)
-    fraction = d
-    for m in range(1, _CONTINUED_FRACTION_MAX_TERMS):
-        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        for term in (even, odd):
-            d = 1.0 + term * d
-            d = 1.0 / (d if abs(d) > _TINY else _TINY)
-            c = 1.0 + term / c
-            c = c if abs(c) > _TINY else _TINY
-            fraction *= c * d
-        if abs(c * d - 1.0) < _CONTINUED_FRACTION_EPS:
-            return fraction
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (x={x}, a={a}, b={b})")
-
-
-def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
-    """``I_x(a, b)``, the CDF of a Beta(a, b) variable at ``x``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_prefactor = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_prefactor) * _beta_continued_fraction(x, a, b) / a
-    return 1.0 - math.exp(log_prefactor) * _beta_continued_fraction(1.0 - x, b, a) / b
-
-
-def t_upper_tail(t: float, df: float) -> float:
-    """``P(T > t)`` for ``t >= 0`` and Student's T with ``df`` degrees of freedom (the normal
-    distribution for ``df = inf``); as a tail, so that it stays precise near probability 1."""
-    if math.isinf(df):
-        return 0.5 * math.erfc(t / math.sqrt(2.0))
-    return 0.5 * regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
-
-
-def _solve_decreasing(function: Callable[[float], float], target: float) -> float:
-    """The ``t >= 0`` with ``function(t) = target``, for ``function`` decreasing from
-    ``function(0)`` above ``target`` towards 0, by bisection after doubling a bracket."""
-    low, high = 0.0, 1.0
-    while function(high) > target:
-        low, high = high, 2.0 * high
-    while high - low > 1e-12 * high:
-        middle = 0.5 * (low + high)
-        if function(middle) > target:
-            low = middle
-        else:
-            high = middle
-    return 0.5 * (low + high)
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df > 0`` degrees of freedom (fractional allowed,
-    ``math.inf`` for the normal), e.g. ``t_quantile(0.975, 9) = 2.262``."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"t_quantile: p must be in (0, 1), got {p}")
-    if not df > 0.0:
-        raise ValueError(f"t_quantile: df must be positive, got {df}")
-    if p == 0.5:
-        return 0.0
-    magnitude = _solve_decreasing(lambda t: t_upper_tail(t, df), min(p, 1.0 - p))
-    return magnitude if p > 0.5 else -magnitude
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def mean_and_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample std (ddof=1); the std is None for one value, which has no spread."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
-
-
-def welch_interval(sample: list[float], reference: list[float], confidence: float = CONFIDENCE) -> dict:
-    """``mean(sample) - mean(reference)`` with its Welch t-interval and Welch–Satterthwaite
-    degrees of freedom: ``{"gain", "low", "high", "df"}``. Bounds and df are None when a group
-    has a single value (no variance to estimate); with zero variance in both groups the
-    interval shrinks to the gain itself and df is None (0/0)."""
-    (sample_mean, sample_std), (reference_mean, reference_std) = mean_and_std(sample), mean_and_std(reference)
-    interval = {"gain": sample_mean - reference_mean, "low": None, "high": None, "df": None}
-    if sample_std is None or reference_std is None:
-        return interval
-    variances_of_means = (sample_std ** 2 / len(sample), reference_std ** 2 / len(reference))
-    standard_error = math.sqrt(sum(variances_of_means))
-    if standard_error == 0.0:
-        return {**interval, "low": interval["gain"], "high": interval["gain"]}
-    df = standard_error ** 4 / (variances_of_means[0] ** 2 / (len(sample) - 1)
-                                + variances_of_means[1] ** 2 / (len(reference) - 1))
-    half_width = t_quantile(0.5 + confidence / 2.0, df) * standard_error
-    return {**interval, "low": interval["gain"] - half_width, "high": interval["gain"] + half_width, "df": df}
-
 
 # ------------------------------------------------------------------------------ the runs
 

@@ -2,13 +2,12 @@
 
 With BN fine-tuned in the backbone, the res5 features reaching the box predictor are normalised
 once more (the same norm type as the backbone), as the self-supervised transfer work does.
-Importing this module registers the head under ``MODEL.ROI_HEADS.NAME: Res5ROIHeadsExtraNorm``.
+``detection.detectron2_engine`` registers it as ``MODEL.ROI_HEADS.NAME: Res5ROIHeadsExtraNorm``.
 """
 from detectron2.layers import get_norm
-from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
+from detectron2.modeling.roi_heads import Res5ROIHeads
 
 
-@ROI_HEADS_REGISTRY.register()
 class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     @classmethod
     def _build_res5_block(cls, cfg):

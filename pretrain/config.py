@@ -47,11 +47,11 @@ def get_cfg() -> CN:
     cfg.MIX.ALPHA = 1.0  # the Beta distribution's parameter
     cfg.MIX.LABEL_SMOOTHING = 0.0
     cfg.MIX.CUTOUT_SIZE = 0.5  # side as a fraction of the shorter image side (112 of 224)
-    cfg.MIX.SALIENCY = "fine_grained"
-    cfg.MIX.BACKEND = "torch"
-    cfg.MIX.BOX = "batch"
-    cfg.MIX.STRATEGY = "sal2corr"
-    cfg.MIX.SALIENCY_ON = "pixels"
+    cfg.MIX.SALIENCY = "fine_grained"  # fine_grained | spectral_residual | frequency_tuned
+    cfg.MIX.BACKEND = "torch"  # torch (batched, on the GPU) | opencv (per image, the reference)
+    cfg.MIX.BOX = "batch"  # batch (one box from the first source, as the official code) | sample
+    cfg.MIX.STRATEGY = "sal2corr"  # sal2corr | sal2sal | sal2nonsal | nonsal2sal | nonsal2nonsal | center2center
+    cfg.MIX.SALIENCY_ON = "pixels"  # pixels (de-normalised with DATA.MEAN/STD) | input (the tensor as given)
 
     cfg.SOLVER = CN()
     cfg.SOLVER.EPOCHS = 300

@@ -216,10 +216,14 @@ class ResumableDistributedSampler(Sampler[int]):
 
 
 class ShardSampler(Sampler[int]):
-    """Every ``num_replicas``-th index from ``rank``: each image evaluated exactly once."""
+    """Rank ``rank``'s contiguous share of ``size`` items, sizes differing by at most one
+    (Detectron2's ``InferenceSampler``): each image evaluated exactly once, and the shares
+    concatenated in rank order are the dataset's order."""
 
     def __init__(self, size: int, num_replicas: int, rank: int):
-        self.indices = list(range(rank, size, num_replicas))
+        sizes = [size // num_replicas + (index < size % num_replicas) for index in range(num_replicas)]
+        begin = sum(sizes[:rank])
+        self.indices = list(range(begin, begin + sizes[rank]))
 
     def __iter__(self):
         return iter(self.indices)
@@ -251,11 +255,6 @@ def build_train_loader(cfg, pin_memory: bool) -> tuple[Dataset, ResumableDistrib
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.DATA.NUM_WORKERS,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=cfg.DATA.NUM_WORKERS > 0)
     return dataset, sampler, loader
-
-
-def iterations_per_epoch(dataset_size: int, cfg) -> int:
-    _, world_size = world()
-    return (dataset_size // world_size) // per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size, "SOLVER.BATCH_SIZE")
 
 
 def build_val_loader(cfg, pin_memory: bool, normalize: bool = True) -> DataLoader:

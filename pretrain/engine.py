@@ -23,10 +23,10 @@ from tqdm import tqdm
 from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.data import build_train_loader, build_val_loader, per_process_batch, unreadable_paths, world
-from pretrain.export import load_resnet_state_dict
+from pretrain.weights import load_resnet_state_dict
 from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
 from pretrain.losses import soft_target_cross_entropy
-from pretrain.mix import BatchMixer, build_mixer
+from pretrain.mix import BatchMixer, build_mixer_from_config
 from pretrain.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -34,20 +34,6 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("step", "cosine")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 BAD_IMAGES = "bad_images.txt"  # the unreadable training files of a run, one path per line
-
-
-def build_mixer_from_config(cfg, generator: torch.Generator) -> BatchMixer:
-    """The configured mixer; only the options of the chosen method are passed on."""
-    mix = cfg.MIX
-    options = dict(num_classes=cfg.MODEL.NUM_CLASSES, prob=mix.PROB, alpha=mix.ALPHA,
-                   label_smoothing=mix.LABEL_SMOOTHING, generator=generator)
-    name = mix.NAME.lower()
-    if name == "cutout":
-        options["size"] = mix.CUTOUT_SIZE
-    if name == "saliencymix":
-        options.update(saliency=mix.SALIENCY, backend=mix.BACKEND, box=mix.BOX, strategy=mix.STRATEGY,
-                       saliency_on=mix.SALIENCY_ON, mean=cfg.DATA.MEAN, std=cfg.DATA.STD)
-    return build_mixer(name, **options)
 
 
 def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:

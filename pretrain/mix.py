@@ -15,7 +15,18 @@ import torch
 
 from pretrain.saliency import BACKENDS, METHODS, compute_saliency, saliency_peaks
 
-STRATEGIES = ("sal2corr", "sal2sal", "sal2nonsal", "nonsal2sal", "nonsal2nonsal", "center2center")
+# Where each SaliencyMix strategy (the paper's ablation) cuts the patch from the source and
+# pastes it into the target: around the most ("peak") or least ("lowest") salient pixel, at the
+# image "centre", or, for the target, at the source box's own coordinates ("same").
+PLACEMENTS = {
+    "sal2corr": ("peak", "same"),
+    "sal2sal": ("peak", "peak"),
+    "sal2nonsal": ("peak", "lowest"),
+    "nonsal2sal": ("lowest", "peak"),
+    "nonsal2nonsal": ("lowest", "lowest"),
+    "center2center": ("centre", "same"),
+}
+STRATEGIES = tuple(PLACEMENTS)
 BOX_MODES = ("batch", "sample")
 SALIENCY_INPUTS = ("pixels", "input")
 
@@ -118,7 +129,14 @@ def paste_boxes(target: torch.Tensor, source: torch.Tensor, source_boxes: torch.
 # ------------------------------------------------------------------------------- the mixers
 
 class BatchMixer:
-    """Shared arguments, checks and randomness of the mixers; subclasses implement ``mix``."""
+    """Shared arguments, checks and randomness of the mixers; subclasses implement ``mix``.
+
+    ``CONFIG_KEYS`` maps constructor options to the config keys that set them, so that a
+    config builds any mixer (``build_mixer_from_config``) without knowing its options.
+    """
+
+    CONFIG_KEYS = {"num_classes": "MODEL.NUM_CLASSES", "prob": "MIX.PROB", "alpha": "MIX.ALPHA",
+                   "label_smoothing": "MIX.LABEL_SMOOTHING"}
 
     def __init__(self, num_classes: int, prob: float = 1.0, alpha: float = 1.0,
                  label_smoothing: float = 0.0, generator: torch.Generator | None = None,
@@ -179,6 +197,8 @@ class NoMix(BatchMixer):
 class Cutout(BatchMixer):
     """DeVries & Taylor 2017: zero a square of side ``size`` x the shorter side at a uniformly
     random centre per image (clipped at the border); labels unchanged."""
+
+    CONFIG_KEYS = {**BatchMixer.CONFIG_KEYS, "size": "MIX.CUTOUT_SIZE"}
 
     def __init__(self, num_classes: int, size: float = 0.5, **kwargs):
         super().__init__(num_classes, **kwargs)
@@ -241,6 +261,10 @@ class SaliencyMix(BatchMixer):
     de-normalised ``pixels`` or the ``input`` tensor as given (as the official code does).
     """
 
+    CONFIG_KEYS = {**BatchMixer.CONFIG_KEYS, "saliency": "MIX.SALIENCY", "backend": "MIX.BACKEND",
+                   "box": "MIX.BOX", "strategy": "MIX.STRATEGY", "saliency_on": "MIX.SALIENCY_ON",
+                   "mean": "DATA.MEAN", "std": "DATA.STD"}
+
     def __init__(self, num_classes: int, saliency: str = "fine_grained", backend: str = "torch",
                  box: str = "batch", strategy: str = "sal2corr", saliency_on: str = "pixels",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **kwargs):
@@ -260,6 +284,7 @@ class SaliencyMix(BatchMixer):
         self.backend = backend
         self.box = box
         self.strategy = strategy
+        self.source_at, self.target_at = PLACEMENTS[strategy]
         self.saliency_on = saliency_on
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -308,7 +333,7 @@ class SaliencyMix(BatchMixer):
         source_boxes, target_boxes = self._boxes(to_device(centres, images.device),
                                                  to_device(cut, images.device), height, width)
         source = images[permutation]
-        if self.strategy == "sal2corr":
+        if self.target_at == "same":
             torch.where(box_masks(source_boxes, height, width), source, images, out=images)
         else:
             paste_boxes(images, source, source_boxes, target_boxes)
@@ -318,24 +343,21 @@ class SaliencyMix(BatchMixer):
     def _saliency(self, images, sources, targets):
         """Saliency maps of the source images, and of the target images when the strategy
         places the patch by the target's saliency; stacked as ``(sources, targets)``."""
-        needed = torch.cat([sources, targets]) if self._needs_target_saliency() else sources
+        needed = sources if self.target_at == "same" else torch.cat([sources, targets])
         return compute_saliency(self.detector_view(images[needed]), self.saliency, self.backend)
-
-    def _needs_target_saliency(self) -> bool:
-        return self.strategy in ("sal2sal", "sal2nonsal", "nonsal2sal", "nonsal2nonsal")
 
     def _centres(self, images, sources, targets):
         """``(2, N, 2)``: the (row, column) centres of the source and the target box of each
         pair ``images[sources[i]] -> images[targets[i]]``, where the strategy puts them; on the
-        images' device, or on the CPU for center2center, which needs no saliency."""
+        images' device, or on the CPU for a centred patch, which needs no saliency."""
         count = sources.shape[0]
-        if self.strategy == "center2center":
+        if self.source_at == "centre":
             return torch.tensor([images.shape[2] // 2, images.shape[3] // 2]).repeat(2, count, 1)
         maps = self._saliency(images, sources, targets)
-        source_centres = saliency_peaks(maps[:count], lowest=self.strategy.startswith("nonsal"))
-        if self.strategy == "sal2corr":
+        source_centres = saliency_peaks(maps[:count], lowest=self.source_at == "lowest")
+        if self.target_at == "same":
             return torch.stack([source_centres, source_centres])
-        target_centres = saliency_peaks(maps[count:], lowest=self.strategy.endswith("2nonsal"))
+        target_centres = saliency_peaks(maps[count:], lowest=self.target_at == "lowest")
         return torch.stack([source_centres, target_centres])
 
     def _boxes(self, centres, cut, height, width):
@@ -343,7 +365,7 @@ class SaliencyMix(BatchMixer):
         them), of size ``cut``: the source box clipped at the border, the target box of the
         same size moved inside the image."""
         source_boxes = centred_boxes(centres[0], cut, height, width)
-        if self.strategy in ("sal2corr", "center2center"):
+        if self.target_at == "same":
             return source_boxes, source_boxes
         size = source_boxes[:, 2:] - source_boxes[:, :2]
         # Top left at max(centre - size // 2, 0), moved back so that the box ends inside the image.
@@ -360,10 +382,27 @@ MIXERS = {
 }
 
 
+def mixer_class(name: str) -> type[BatchMixer]:
+    """The mixer registered under ``name`` (any case)."""
+    if name.lower() not in MIXERS:
+        raise ValueError(f"unknown mixing method {name!r}; choose one of {tuple(MIXERS)}")
+    return MIXERS[name.lower()]
+
+
 def build_mixer(name: str, **options) -> BatchMixer:
     """The mixer registered under ``name`` (``none``, ``cutout``, ``mixup``, ``cutmix``,
-    ``saliencymix``), built with ``options``; the configs choose methods this way."""
-    key = name.lower()
-    if key not in MIXERS:
-        raise ValueError(f"unknown mixing method {name!r}; choose one of {tuple(MIXERS)}")
-    return MIXERS[key](**options)
+    ``saliencymix``), built with ``options``."""
+    return mixer_class(name)(**options)
+
+
+def build_mixer_from_config(cfg, generator: torch.Generator) -> BatchMixer:
+    """The mixer ``cfg.MIX.NAME`` names, given the config values of its ``CONFIG_KEYS`` only."""
+    mixer = mixer_class(cfg.MIX.NAME)
+    options = {option: _config_value(cfg, key) for option, key in mixer.CONFIG_KEYS.items()}
+    return mixer(generator=generator, **options)
+
+
+def _config_value(cfg, key: str):
+    """``cfg``'s value at a dotted ``key`` such as ``MIX.PROB``."""
+    section, name = key.split(".")
+    return cfg[section][name]

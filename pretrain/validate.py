@@ -9,7 +9,8 @@ import torch
 from pretrain.cifar import LAYOUTS
 from pretrain.cli import UsageError, check_choice
 from pretrain.data import AUGMENTATIONS, DATASETS, resolve_data_root
-from pretrain.engine import AMP_DTYPES, SCHEDULES, build_lr_schedule, build_mixer_from_config
+from pretrain.engine import AMP_DTYPES, SCHEDULES, build_lr_schedule
+from pretrain.mix import build_mixer_from_config
 from pretrain.models import build_model
 
 

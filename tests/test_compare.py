@@ -27,10 +27,9 @@ from detection.report import (
     find_run_dirs,
     format_table,
     load_runs,
-    t_quantile,
-    welch_interval,
     write_report,
 )
+from detection.stats import t_quantile, welch_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "tools" / "compare.py"

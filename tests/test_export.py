@@ -1,5 +1,5 @@
-"""Tests of ``pretrain.export`` and ``tools/convert_to_d2.py``: the torchvision -> Detectron2
-ResNet export.
+"""Tests of ``pretrain.weights``, ``pretrain.export`` and ``tools/convert_to_d2.py``: reading a
+ResNet checkpoint and the torchvision -> Detectron2 ResNet export.
 
 The sources are real torchvision ResNets (random init, nothing downloaded) whose BN running
 statistics are randomised too, so no exported tensor equals a freshly initialised one: a tensor
@@ -19,10 +19,9 @@ import torch
 import torchvision
 
 from pretrain.atomic_file import atomic_write
-from pretrain.export import (
-    ExportError,
-    convert,
-    detectron2_to_torchvision,
+from pretrain.export import convert, detectron2_to_torchvision
+from pretrain.weights import (
+    WeightsError,
     is_backbone_tensor,
     load_resnet_state_dict,
     resnet_depth,
@@ -160,7 +159,7 @@ def test_wrapper_prefixes_are_stripped(prefix, r50):
 
 
 def test_prefixes_clashing_after_stripping_are_refused(r50):
-    with pytest.raises(ExportError, match=r"'conv1.weight' and 'module.conv1.weight'"):
+    with pytest.raises(WeightsError, match=r"'conv1.weight' and 'module.conv1.weight'"):
         strip_wrapper_prefixes({"conv1.weight": r50["conv1.weight"],
                                 "module.conv1.weight": r50["conv1.weight"]})
 
@@ -212,24 +211,24 @@ def test_unusable_inputs_are_refused_naming_the_file(content, message, tmp_path)
         source.write_bytes(content)
     else:
         torch.save(content, source)
-    with pytest.raises(ExportError, match=message) as error:
+    with pytest.raises(WeightsError, match=message) as error:
         convert(source, tmp_path / "out.pkl")
     assert str(error.value).startswith(f"{source}: ")
     assert not (tmp_path / "out.pkl").exists()
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ExportError, match=f"{tmp_path / 'absent.pth'}: no such file"):
+    with pytest.raises(WeightsError, match=f"{tmp_path / 'absent.pth'}: no such file"):
         convert(tmp_path / "absent.pth", tmp_path / "out.pkl")
 
 
 def test_depth_is_read_from_the_block_counts(sources, r50):
     assert resnet_depth(r50) == 50 and resnet_depth(sources[101][0]) == 101
     without_block = {n: t for n, t in r50.items() if not n.startswith("layer3.5.")}
-    with pytest.raises(ExportError, match=r"unknown ResNet layout: blocks per stage "
+    with pytest.raises(WeightsError, match=r"unknown ResNet layout: blocks per stage "
                                           r"\(3, 4, 5, 3\)"):
         resnet_depth(without_block)
-    with pytest.raises(ExportError, match="basic-block ResNet"):
+    with pytest.raises(WeightsError, match="basic-block ResNet"):
         resnet_depth(torchvision.models.resnet34().state_dict())
 
 
@@ -239,7 +238,7 @@ def test_depth_is_read_from_the_block_counts(sources, r50):
 def refused(state: dict, tmp_path: Path, match: str, output: str = "out.pkl") -> Path:
     """Export ``state`` and expect an error matching ``match``; returns the output path."""
     torch.save(state, tmp_path / "in.pth")
-    with pytest.raises(ExportError, match=match):
+    with pytest.raises(WeightsError, match=match):
         convert(tmp_path / "in.pth", tmp_path / output)
     return tmp_path / output
 
@@ -284,13 +283,13 @@ def test_atomic_write_failing_midway_leaves_old_file_and_no_temporary(tmp_path):
 
 
 def test_detectron2_output_must_be_a_pkl(sources, tmp_path):
-    with pytest.raises(ExportError, match=r"\*\.pkl"):
+    with pytest.raises(WeightsError, match=r"\*\.pkl"):
         convert(sources[50][1], tmp_path / "out.pth")
 
 
 def test_output_may_not_overwrite_input(r50, tmp_path):
     torch.save(r50, tmp_path / "same.pkl")
-    with pytest.raises(ExportError, match="would overwrite the input"):
+    with pytest.raises(WeightsError, match="would overwrite the input"):
         convert(tmp_path / "same.pkl", tmp_path / "same.pkl")
 
 
@@ -311,7 +310,7 @@ def test_torchvision_format_loads_strictly(sources, tmp_path):
 def test_torchvision_format_needs_the_classifier(r50, tmp_path):
     del r50["fc.weight"]
     torch.save(r50, tmp_path / "in.pth")
-    with pytest.raises(ExportError, match="missing fc.weight"):
+    with pytest.raises(WeightsError, match="missing fc.weight"):
         convert(tmp_path / "in.pth", tmp_path / "out.pth", fmt="torchvision")
     assert not (tmp_path / "out.pth").exists()
     convert(tmp_path / "in.pth", tmp_path / "out.pkl")  # Detectron2 needs no classifier

@@ -107,7 +107,7 @@ def test_a_failed_stage_stops_only_the_stages_that_need_it(data, tmp_path):
                           PRETRAIN={"CONFIG": str(configs / "pretrain_{method}.yaml")})
     result = run_study(config)
     assert result.returncode == 1, explain(result)
-    assert "error: stage pretrain.broken failed (exit status 1); last lines of" in result.stdout
+    assert "error: stage pretrain.broken failed (exit status 2); last lines of" in result.stdout
     assert "resnet9999" in result.stdout.split("error: stage pretrain.broken failed")[1]  # the log's tail
     assert "robustness.broken: blocked, it needs pretrain.broken" in result.stdout
     assert "cost: blocked" in result.stdout

@@ -16,8 +16,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detection import torchvision_engine as engine
 from detection.config import get_detection_cfg
+from detection.torchvision_engine.data import (TrainingSampler, VOCTrainingImages, read_image, training_records,
+                                              training_target)
+from detection.torchvision_engine.model import build_detector, build_model, load_backbone, pixel_statistics
+from detection.torchvision_engine.solver import build_optimizer, lr_multiplier
 from detection.voc import load_voc_split, write_annotation
 from pretrain import checkpoint as ckpt
+from pretrain.data import ShardSampler
 from pretrain.distributed import launch
 from pretrain.export import convert
 from voc_tree import CLASSES, write_voc_tree
@@ -75,7 +80,7 @@ def exported_backbone(files: dict) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------- model
 def test_build_model_loads_every_exported_backbone_tensor(files, tmp_path):
-    model = engine.build_model(tiny_config(files, tmp_path))
+    model = build_model(tiny_config(files, tmp_path))
     body = model.backbone.body.state_dict()
     exported = exported_backbone(files)
     backbone = {name: tensor for name, tensor in exported.items() if not name.startswith("fc.")}
@@ -87,11 +92,11 @@ def test_build_model_loads_every_exported_backbone_tensor(files, tmp_path):
 
 
 def test_frozen_bn_and_frozen_stages_follow_detectron2_keys(files, tmp_path):
-    frozen = engine.build_detector(tiny_config(files, tmp_path, MODEL__RESNETS__NORM="FrozenBN"))
-    assert engine.load_backbone(frozen, files["backbone"], 50) == 265  # no BN batch counters to receive
+    frozen = build_detector(tiny_config(files, tmp_path, MODEL__RESNETS__NORM="FrozenBN"))
+    assert load_backbone(frozen, files["backbone"], 50) == 265  # no BN batch counters to receive
     assert isinstance(frozen.backbone.body.layer4[2].bn3, FrozenBatchNorm2d)
 
-    body = engine.build_detector(tiny_config(files, tmp_path, MODEL__BACKBONE__FREEZE_AT=2)).backbone.body
+    body = build_detector(tiny_config(files, tmp_path, MODEL__BACKBONE__FREEZE_AT=2)).backbone.body
     assert not any(p.requires_grad for p in [*body.conv1.parameters(), *body.layer1.parameters()])
     assert all(p.requires_grad for p in body.layer2.parameters())
     assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn1, FrozenBatchNorm2d)
@@ -101,14 +106,14 @@ def test_frozen_bn_and_frozen_stages_follow_detectron2_keys(files, tmp_path):
 def test_pixel_statistics_are_rgb_in_unit_range(files, tmp_path):
     bgr = tiny_config(files, tmp_path, INPUT__FORMAT="BGR", MODEL__PIXEL_MEAN=[103.53, 116.28, 123.675],
                       MODEL__PIXEL_STD=[57.375, 57.12, 58.395])
-    mean, std = engine.pixel_statistics(bgr)
+    mean, std = pixel_statistics(bgr)
     assert mean == pytest.approx([0.485, 0.456, 0.406], abs=1e-6)
     assert std == pytest.approx([0.229, 0.224, 0.225], abs=1e-6)
 
 
 def test_a_detectron2_pickle_is_refused_with_the_export_command(files, tmp_path):
     with pytest.raises(ValueError, match="--format torchvision"):
-        engine.build_model(tiny_config(files, tmp_path, MODEL__WEIGHTS=str(tmp_path / "r50.pkl")))
+        build_model(tiny_config(files, tmp_path, MODEL__WEIGHTS=str(tmp_path / "r50.pkl")))
 
 
 def test_a_backbone_missing_a_tensor_is_refused_naming_it(files, tmp_path):
@@ -116,12 +121,12 @@ def test_a_backbone_missing_a_tensor_is_refused_naming_it(files, tmp_path):
     del state["layer2.3.bn3.running_var"]
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match=r"broken\.pth.*missing layer2\.3\.bn3\.running_var"):
-        engine.build_model(tiny_config(files, tmp_path, MODEL__WEIGHTS=str(tmp_path / "broken.pth")))
+        build_model(tiny_config(files, tmp_path, MODEL__WEIGHTS=str(tmp_path / "broken.pth")))
 
 
 def test_norm_layers_get_detectron2s_weight_decay(files, tmp_path):
-    model = engine.build_detector(tiny_config(files, tmp_path, SOLVER__WEIGHT_DECAY=1e-4))
-    decay = {id(p): group["weight_decay"] for group in engine.build_optimizer(
+    model = build_detector(tiny_config(files, tmp_path, SOLVER__WEIGHT_DECAY=1e-4))
+    decay = {id(p): group["weight_decay"] for group in build_optimizer(
         tiny_config(files, tmp_path), model).param_groups for p in group["params"]}
     assert decay[id(model.backbone.body.bn1.weight)] == 0.0  # SOLVER.WEIGHT_DECAY_NORM
     assert decay[id(model.backbone.body.conv1.weight)] == 1e-4
@@ -132,22 +137,22 @@ def test_norm_layers_get_detectron2s_weight_decay(files, tmp_path):
 def test_training_targets_keep_difficult_objects_and_mirror_boxes(files):
     records = load_voc_split(files["voc"], "trainval", CLASSES)
     record = next(r for r in records if any(a["difficult"] for a in r["annotations"]))
-    plain = engine.training_target(record, flip=False)
+    plain = training_target(record, flip=False)
     assert len(plain["boxes"]) == len(record["annotations"])
     assert plain["labels"].tolist() == [a["category_id"] + 1 for a in record["annotations"]]
-    flipped = engine.training_target(record, flip=True)
+    flipped = training_target(record, flip=True)
     width = record["width"]
     assert torch.equal(flipped["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor(
         [width, 0, width, 0]), plain["boxes"])
-    image, target = engine.VOCTrainingImages([record])[0, True]
+    image, target = VOCTrainingImages([record])[0, True]
     assert image.shape == (3, record["height"], width) and 0 <= image.min() and image.max() <= 1
-    assert torch.equal(image, engine.read_image(record).flip(-1)) and torch.equal(target["boxes"], flipped["boxes"])
+    assert torch.equal(image, read_image(record).flip(-1)) and torch.equal(target["boxes"], flipped["boxes"])
 
 
 def test_degenerate_boxes_are_clipped_or_dropped():
     record = {"width": 50, "height": 40, "annotations": [
         {"bbox": [-3.0, 5.0, 20.0, 60.0], "category_id": 0}, {"bbox": [10.0, 10.0, 10.0, 20.0], "category_id": 1}]}
-    target = engine.training_target(record, flip=False)
+    target = training_target(record, flip=False)
     assert target["boxes"].tolist() == [[0.0, 5.0, 20.0, 40.0]] and target["labels"].tolist() == [1]
 
 
@@ -158,19 +163,19 @@ def test_images_without_annotations_are_not_trained_on(files, tmp_path):
     shutil.copy(voc / "JPEGImages" / "000000.jpg", voc / "JPEGImages" / "empty.jpg")
     with open(voc / "ImageSets" / "Main" / "trainval.txt", "a") as split:
         split.write("empty\n")
-    records = engine.training_records(tiny_config({**files, "voc": voc}, tmp_path))
+    records = training_records(tiny_config({**files, "voc": voc}, tmp_path))
     assert len(records) == 12 and "empty" not in {r["image_id"] for r in records}
 
 
 def test_sampler_deals_one_seeded_stream_and_resumes_inside_it():
-    whole = list(_take(engine.TrainingSampler(5, seed=7, rank=0, world_size=1, flip=True), 20))
-    ranks = [list(_take(engine.TrainingSampler(5, seed=7, rank=r, world_size=2, flip=True), 10)) for r in (0, 1)]
+    whole = list(_take(TrainingSampler(5, seed=7, rank=0, world_size=1, flip=True), 20))
+    ranks = [list(_take(TrainingSampler(5, seed=7, rank=r, world_size=2, flip=True), 10)) for r in (0, 1)]
     assert ranks[0] == whole[0::2] and ranks[1] == whole[1::2]
     assert sorted(index for index, _ in whole[:5]) == list(range(5))  # each epoch a permutation
     assert {flip for _, flip in whole} == {True, False}
-    resumed = list(_take(engine.TrainingSampler(5, seed=7, rank=1, world_size=2, flip=True, start=6), 4))
+    resumed = list(_take(TrainingSampler(5, seed=7, rank=1, world_size=2, flip=True, start=6), 4))
     assert resumed == whole[7:15:2]
-    assert not any(flip for _, flip in _take(engine.TrainingSampler(5, 7, 0, 1, flip=False), 20))
+    assert not any(flip for _, flip in _take(TrainingSampler(5, 7, 0, 1, flip=False), 20))
 
 
 def _take(sampler, count: int) -> list:
@@ -178,7 +183,7 @@ def _take(sampler, count: int) -> list:
 
 
 def test_test_images_are_shared_contiguously_and_exactly_once():
-    shares = [engine.shard(7, rank, 3) for rank in range(3)]
+    shares = [list(ShardSampler(7, 3, rank)) for rank in range(3)]
     assert shares == [[0, 1, 2], [3, 4], [5, 6]]
 
 
@@ -190,7 +195,7 @@ SCHEDULE = {"SOLVER.MAX_ITER": 10, "SOLVER.STEPS": (6, 8, 20), "SOLVER.WARMUP_IT
 def test_lr_warms_up_linearly_then_decays_at_each_step():
     cfg = get_detection_cfg("torchvision")
     cfg.merge_from_other_cfg(CN(nested(SCHEDULE)))
-    got = [engine.lr_multiplier(cfg, iteration) for iteration in range(10)]
+    got = [lr_multiplier(cfg, iteration) for iteration in range(10)]
     expected = [0.1, 0.325, 0.55, 0.775, 1, 1, 0.5, 0.5, 0.25, 0.25]  # step 20 > MAX_ITER: ignored
     assert got == pytest.approx(expected)
 
@@ -207,7 +212,7 @@ def test_lr_matches_detectron2s_warmup_multistep_schedule():
     ours = get_detection_cfg("torchvision")
     ours.merge_from_other_cfg(CN(nested(SCHEDULE)))
     for iteration in range(10):
-        assert engine.lr_multiplier(ours, iteration) == pytest.approx(optimizer.param_groups[0]["lr"]), iteration
+        assert lr_multiplier(ours, iteration) == pytest.approx(optimizer.param_groups[0]["lr"]), iteration
         optimizer.step()
         scheduler.step()
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Export a pretrained torchvision ResNet (a checkpoint of ours or a plain state dict) for
-Detectron2, after checking every backbone tensor's name and shape.
+Detectron2, or with ``--format torchvision`` as a plain torchvision state dict (what the
+torchvision detection engine reads), after checking every backbone tensor's name and shape.
+It keeps the name Detectron2 users look for (a converter "to d2") although it writes both formats.
 
     python tools/convert_to_d2.py output/pretrain/model_final.pth r50_saliencymix.pkl
     python tools/convert_to_d2.py checkpoint.pth resnet50.pth --format torchvision
@@ -18,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
-from pretrain.export import FORMATS, ExportError, convert  # noqa: E402
+from pretrain.export import FORMATS, convert  # noqa: E402
+from pretrain.weights import WeightsError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         print(convert(args.input, args.output, args.format, args.trust_pickle))
-    except ExportError as exc:  # a missing, unreadable or incomplete input, named in the message
+    except WeightsError as exc:  # a missing, unreadable or incomplete input, named in the message
         raise UsageError(str(exc)) from None
 
 

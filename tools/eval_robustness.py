@@ -24,7 +24,7 @@ from pretrain.cli import check_launch, merge_config, reports_usage_errors  # noq
 from pretrain.config import get_cfg  # noqa: E402
 from pretrain.data import build_val_loader, world  # noqa: E402
 from pretrain.distributed import default_argument_parser, launch, local_device, planned_world_size  # noqa: E402
-from pretrain.export import load_resnet_state_dict  # noqa: E402
+from pretrain.weights import load_resnet_state_dict  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm  # noqa: E402
 from pretrain.validate import check_pretrain_cfg  # noqa: E402

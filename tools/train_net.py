@@ -10,12 +10,15 @@
 
 Detectron2 is used when it is installed; otherwise (or with ``--engine torchvision``) torchvision's
 Faster R-CNN R50-FPN is fine-tuned from the exporter's ``--format torchvision`` weights with the
-same schedule keys and evaluator. Each run folder ends with ``run_info.json`` and
-``eval_results.json`` for ``tools/compare.py``. The config, the data, the weights and the process
-layout are checked before any process starts: a mistake is one ``error:`` line.
+same schedule keys and evaluator (the engines, ``detection/detectron2_engine.py`` and
+``detection/torchvision_engine/``, each offer ``train`` and ``evaluate``). Each run folder ends
+with ``run_info.json`` and ``eval_results.json`` for ``tools/compare.py``. The config, the data,
+the weights and the process layout are checked before any process starts: a mistake is one
+``error:`` line.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import sys
@@ -27,13 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detection import records  # noqa: E402
 from detection.config import ENGINES, get_detection_cfg  # noqa: E402
-from detection.datasets import resolve  # noqa: E402
+from detection.datasets import check_class_count, resolve  # noqa: E402
+from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain.cli import UsageError, check_file, check_launch, merge_config, reports_usage_errors  # noqa: E402
 from pretrain.data import world  # noqa: E402
 from pretrain.distributed import default_argument_parser, launch, planned_world_size  # noqa: E402
 
 logger = logging.getLogger("train_net")
 DETECTRON2_INSTALLED = importlib.util.find_spec("detectron2") is not None
+ENGINE_MODULES = {"detectron2": "detection.detectron2_engine", "torchvision": "detection.torchvision_engine"}
 
 
 def argument_parser():
@@ -85,9 +90,10 @@ def check_run(cfg, world_size: int) -> None:
         split_file = dataset.root / "ImageSets" / "Main" / f"{dataset.split}.txt"
         if not split_file.is_file():
             raise UsageError(f"dataset {name}: {split_file} does not exist (TRANSFER.VOC_ROOT or $DETECTRON2_DATASETS)")
-        if len(dataset.class_names) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            raise UsageError(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset {name} "
-                             f"has {len(dataset.class_names)} classes")
+        try:
+            check_class_count(dataset, cfg)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
         check_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
     if world_size > 1 and torch.device(cfg.MODEL.DEVICE).index is not None:
@@ -104,44 +110,32 @@ def primary_results(results: dict) -> dict:
     return {**first, "datasets": results}
 
 
-def run_detectron2(cfg, args) -> dict:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.engine import DefaultTrainer, default_setup
-
-    import detection.roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
-    from detection.evaluation import VOCDetectionEvaluator
-    from detection.register import register_config_datasets
-
-    class VOCTransferTrainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            dataset = resolve(dataset_name, cfg)
-            return VOCDetectionEvaluator(dataset.root, dataset.split, dataset.year, dataset.class_names)
-
-    default_setup(cfg, args)
-    register_config_datasets(cfg)
+def run(cfg, args) -> dict:
+    """One trial with ``args.engine``: train then evaluate, or (``--eval-only``) evaluate."""
+    engine = importlib.import_module(ENGINE_MODULES[args.engine])
+    set_up_run_folder(cfg, args)
     if args.eval_only:
-        model = VOCTransferTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return VOCTransferTrainer.test(cfg, model)
-    trainer = VOCTransferTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    # DefaultTrainer keeps its final evaluation (its EvalHook runs one at the end) here; it
-    # returns it from train() only when TEST.EXPECTED_RESULTS is set.
-    return trainer._last_eval_results
+        return engine.evaluate(cfg, weights_to_evaluate(cfg, args.resume))
+    return engine.train(cfg, resume=args.resume)
 
 
-def run_torchvision(cfg, args) -> dict:
-    from detection import torchvision_engine
+def set_up_run_folder(cfg, args) -> None:
+    """Detectron2's ``default_setup`` (logging, ``config.yaml``, per-process seeds) for its
+    engine; ``config.yaml`` for the torchvision engine, which seeds itself."""
+    if args.engine == "detectron2":
+        from detectron2.engine import default_setup
 
-    if world()[0] == 0:
+        default_setup(cfg, args)
+    elif world()[0] == 0:
         Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
         (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
-    if args.eval_only:
-        return torchvision_engine.evaluate(cfg, cfg.MODEL.WEIGHTS or None)
-    torchvision_engine.train(cfg, resume=args.resume)
-    return torchvision_engine.evaluate(cfg)
+
+
+def weights_to_evaluate(cfg, resume: bool) -> str | None:
+    """``MODEL.WEIGHTS``, or with ``--resume`` the run folder's last checkpoint when it has one
+    (Detectron2's ``resume_or_load``); None lets the engine pick its default."""
+    last = ckpt.Checkpointer(Path(cfg.OUTPUT_DIR), keep_last=1).last() if resume else None
+    return str(last) if last else (cfg.MODEL.WEIGHTS or None)
 
 
 def detectron2_machine_group(local_world_size: int) -> None:
@@ -156,7 +150,7 @@ def main(configs: list, args) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     outcomes = []
     for cfg in configs:
-        results = (run_detectron2 if args.engine == "detectron2" else run_torchvision)(cfg, args)
+        results = run(cfg, args)
         if world()[0] == 0:
             results = primary_results(results)
             records.write_run_info(cfg.OUTPUT_DIR, cfg, args.engine)
