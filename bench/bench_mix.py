@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import BENCH_MIXERS, normalise  # noqa: E402
-from pretrain.mix import build_mixer  # noqa: E402
-from pretrain.saliency import METHODS, compute_saliency, to_uint8  # noqa: E402
+from common import BENCH_MIXERS, normalise
+from pretrain.mix import build_mixer
+from pretrain.saliency import METHODS, compute_saliency, to_uint8
 
 SPEEDUP_TARGETS = {"fine_grained": 5.0, "frequency_tuned": 5.0}
 

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import BENCH_MIXERS, SyncCounter, normalise  # noqa: E402
-from pretrain.engine import training_step  # noqa: E402
-from pretrain.mix import build_mixer  # noqa: E402
+from common import BENCH_MIXERS, SyncCounter, normalise
+from pretrain.engine import training_step
+from pretrain.mix import build_mixer
 
 
 def synchronise(device: torch.device) -> None:

@@ -21,7 +21,6 @@ Without Detectron2 only ours is timed (and the run says so).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detection.evaluation import VOCDetectionEvaluator  # noqa: E402
-from detection.voc import VOC_CLASSES, write_annotation, write_split  # noqa: E402
+from detection.evaluation import VOCDetectionEvaluator
+from detection.voc import VOC_CLASSES, write_annotation, write_split
 
 SPLIT = "test"
 IMAGE_SIZE = (500, 375)  # width, height: a typical VOC image

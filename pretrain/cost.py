@@ -3,7 +3,7 @@ wall time per epoch, and that time relative to training without mixing.
 
 A run's time comes from its ``metrics.json`` lines, each of which holds the wall seconds and the
 iterations of one logging window (evaluation excluded); a resumed run simply adds windows. The
-method and the setup come from the ``config.yaml`` that ``tools/pretrain.py`` writes.
+method and the setup come from the ``config.yaml`` that ``tools/pretrain_net.py`` writes.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def read_run(run: Path) -> RunCost:
     config, metrics = run / "config.yaml", run / "metrics.json"
     for path in (config, metrics):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: {run} is not a tools/pretrain.py run folder")
+            raise FileNotFoundError(f"{path} does not exist: {run} is not a tools/pretrain_net.py run folder")
     cfg = get_cfg()
     cfg.merge_from_file(str(config))
     seconds = iterations = 0.0

@@ -93,7 +93,7 @@ def build_stages(cfg: CfgNode, cuda: bool) -> list[Stage]:
         data_root = ["DATA.ROOT", cfg.PRETRAIN.DATA_ROOT] if cfg.PRETRAIN.DATA_ROOT else []
         stages.append(Stage(
             f"pretrain.{method}", "pretrain",
-            tool("pretrain.py", "--config-file", cfg.PRETRAIN.CONFIG.format(method=method), *gpus("pretrain"),
+            tool("pretrain_net.py", "--config-file", cfg.PRETRAIN.CONFIG.format(method=method), *gpus("pretrain"),
                  *data_root, *cfg.PRETRAIN.OPTS, "OUTPUT_DIR", run),
             run / "model_final.pth", run_dir=run, distributed=True))
         if cfg.ROBUSTNESS.ENABLED:

@@ -42,19 +42,19 @@ def detect_options(data, output: Path) -> list[str]:
 
 # case: (tool, flags, KEY VALUE overrides after the test data's, the error's text)
 CASES = {
-    "unknown key": ("pretrain.py", ["--config-file", PRETRAIN], ["SOLVER.NOT_A_KEY", "1"],
+    "unknown key": ("pretrain_net.py", ["--config-file", PRETRAIN], ["SOLVER.NOT_A_KEY", "1"],
                     "the command line: Non-existent key: SOLVER.NOT_A_KEY"),
-    "unknown mixer": ("pretrain.py", ["--config-file", PRETRAIN], ["MIX.NAME", "saliencymixx"],
+    "unknown mixer": ("pretrain_net.py", ["--config-file", PRETRAIN], ["MIX.NAME", "saliencymixx"],
                       "MIX: unknown mixing method 'saliencymixx'; choose one of ('none', 'cutout'"),
-    "unknown box mode": ("pretrain.py", ["--config-file", PRETRAIN], ["MIX.NAME", "saliencymix", "MIX.BOX", "image"],
+    "unknown box mode": ("pretrain_net.py", ["--config-file", PRETRAIN], ["MIX.NAME", "saliencymix", "MIX.BOX", "image"],
                          "MIX: unknown box mode 'image'"),
-    "missing data root": ("pretrain.py", ["--config-file", PRETRAIN], ["DATA.ROOT", "/no/such/imagenet"],
+    "missing data root": ("pretrain_net.py", ["--config-file", PRETRAIN], ["DATA.ROOT", "/no/such/imagenet"],
                           "dataset root /no/such/imagenet (DATA.ROOT or $IMAGENET_ROOT) is not a folder"),
-    "bad num-gpus": ("pretrain.py", ["--config-file", PRETRAIN, "--num-gpus", "0"], [],
+    "bad num-gpus": ("pretrain_net.py", ["--config-file", PRETRAIN, "--num-gpus", "0"], [],
                      "--num-gpus is 0; give 1 or more"),
-    "batch across processes": ("pretrain.py", ["--config-file", PRETRAIN, "--num-gpus", "3"], [],
+    "batch across processes": ("pretrain_net.py", ["--config-file", PRETRAIN, "--num-gpus", "3"], [],
                                "SOLVER.BATCH_SIZE 32 does not divide among 3 processes"),
-    "missing eval weights": ("pretrain.py", ["--config-file", PRETRAIN, "--eval-only"], ["MODEL.WEIGHTS", "/no/w.pth"],
+    "missing eval weights": ("pretrain_net.py", ["--config-file", PRETRAIN, "--eval-only"], ["MODEL.WEIGHTS", "/no/w.pth"],
                              "MODEL.WEIGHTS /no/w.pth does not exist"),
     "detection unknown key": ("train_net.py", ["--engine", "torchvision", "--config-file", DETECT],
                               ["SOLVER.NOPE", "1"], "the command line: Non-existent key: SOLVER.NOPE"),
@@ -83,7 +83,7 @@ CASES = {
 def test_bad_input_is_one_error_line_with_exit_status_2(case, data, tmp_path):
     script, flags, overrides, message = CASES[case]
     output = tmp_path / "out"
-    defaults = {"pretrain.py": pretrain_options, "eval_robustness.py": pretrain_options,
+    defaults = {"pretrain_net.py": pretrain_options, "eval_robustness.py": pretrain_options,
                 "train_net.py": detect_options}.get(script)
     arguments = [*(flag.replace("OUT", str(output)) for flag in flags),
                  *(defaults(data, output) if defaults else []), *overrides]

@@ -21,7 +21,7 @@ def report(*runs: Path) -> list[dict]:
 
 def fabricate_run(folder: Path, method: str, seconds_per_iteration: float, iterations_per_epoch: int = 50,
                   windows: int = 6, log_period: int = 20, **overrides) -> Path:
-    """A run folder as tools/pretrain.py leaves it: config.yaml, and metrics.json with training
+    """A run folder as tools/pretrain_net.py leaves it: config.yaml, and metrics.json with training
     windows interleaved with evaluation lines (which carry no time)."""
     folder.mkdir(parents=True)
     cfg = get_cfg()

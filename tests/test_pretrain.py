@@ -80,7 +80,7 @@ def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
 
 
 def test_two_process_ddp_through_the_command_line(imagenet, tmp_path):
-    command = [sys.executable, str(REPO / "tools/pretrain.py"), "--config-file",
+    command = [sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
                str(REPO / "configs/pretrain/r50_cutmix.yaml"), "--num-gpus", "2", *cli_overrides(imagenet, tmp_path)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -225,7 +225,7 @@ def test_distinct_unreadable_files_are_listed_across_processes_epochs_and_resume
     root = tmp_path / "imagenet"
     shutil.copytree(imagenet, root)
     (root / "train" / "n00000002" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    command = [sys.executable, str(REPO / "tools/pretrain.py"), "--config-file",
+    command = [sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
                str(REPO / "configs/pretrain/r50_none.yaml"), "--num-gpus", "2",
                *cli_overrides(root, tmp_path / "run"), "SOLVER.EPOCHS", "3", "SOLVER.STEP_EPOCHS", "(2,)"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -56,7 +56,7 @@ def test_the_study_runs_every_stage_then_skips_them_all_when_run_again(finished_
     assert "| saliencymix | " in report and "78.48" in report and "23.68" in report  # the paper beside ours
     record = json.loads((output / "stages" / "pretrain.none.json").read_text())
     assert record["exit_status"] == 0 and record["executor"] == "local" and record["wall_seconds"] > 0
-    assert record["command"][1].endswith("tools/pretrain.py") and "--num-gpus" in record["command"]
+    assert record["command"][1].endswith("tools/pretrain_net.py") and "--num-gpus" in record["command"]
 
     measured = outcome(output)
     again = run_study(config)
@@ -134,7 +134,7 @@ def test_the_paper_study_dry_run_lists_every_stage_and_its_exact_command():
                 for stage in stages}
     python = sys.executable
     assert commands["pretrain.cutmix"] == (
-        f"  $ {python} {REPO}/tools/pretrain.py --config-file {REPO}/configs/pretrain/r50_cutmix.yaml --num-gpus 8 "
+        f"  $ {python} {REPO}/tools/pretrain_net.py --config-file {REPO}/configs/pretrain/r50_cutmix.yaml --num-gpus 8 "
         "DATA.ROOT /data/imagenet OUTPUT_DIR /scratch/paper/pretrain/cutmix")
     assert commands["detect.saliencymix.3"] == (
         f"  $ {python} {REPO}/tools/train_net.py --config-file {REPO}/configs/detection/faster_rcnn_R50_C4_voc.yaml "

@@ -48,10 +48,10 @@ def test_job_parameters_carry_the_resources_dependencies_and_extra_sbatch_option
 
 
 def test_a_multi_node_stage_gets_the_launchers_machine_flags():
-    stage = Stage("pretrain.none", "pretrain", ("python", "tools/pretrain.py", "--config-file", "c.yaml",
+    stage = Stage("pretrain.none", "pretrain", ("python", "tools/pretrain_net.py", "--config-file", "c.yaml",
                                                 "--num-gpus", "8", "OUTPUT_DIR", "o"), Path("o/model_final.pth"))
     assert stage.argv(resume=True, machines=(4, 2, "tcp://node0:23456")) == [
-        "python", "tools/pretrain.py", "--resume", "--num-machines", "4", "--machine-rank", "2",
+        "python", "tools/pretrain_net.py", "--resume", "--num-machines", "4", "--machine-rank", "2",
         "--dist-url", "tcp://node0:23456", "--config-file", "c.yaml", "--num-gpus", "8", "OUTPUT_DIR", "o"]
 
 
@@ -147,7 +147,7 @@ def test_pretraining_runs_one_process_per_task_of_an_srun_step(tmp_path):
 
     data = make_data(tmp_path / "data")
     run = subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", "--mem-per-cpu", "1024", "--time", "10",
-                          sys.executable, str(REPO / "tools/pretrain.py"), "--config-file",
+                          sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
                           str(REPO / "configs/demo/pretrain_none.yaml"), "DATA.ROOT", str(data / "classification"),
                           "OUTPUT_DIR", str(tmp_path / "run"), "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "10",
                           "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36", "DATA.NUM_WORKERS", "0"],

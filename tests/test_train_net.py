@@ -2,7 +2,6 @@
 torchvision engine, from a backbone exported by tools/convert_to_d2.py."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -17,10 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
-from detection.report import (  # noqa: E402
+from pretrain.cli import UsageError, reports_usage_errors
+from detection.report import (
     compare_runs,
     default_output_dir,
     format_table,

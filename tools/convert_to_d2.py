@@ -14,20 +14,17 @@ MODEL.RESNETS.STRIDE_IN_1X1 False.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
-from pretrain.export import FORMATS, convert  # noqa: E402
-from pretrain.weights import WeightsError  # noqa: E402
+from pretrain.cli import UsageError, reports_usage_errors
+from pretrain.export import FORMATS, convert
+from pretrain.weights import WeightsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="checkpoint of tools/pretrain.py, or a torchvision "
+    parser.add_argument("input", help="checkpoint of tools/pretrain_net.py, or a torchvision "
                                       "ResNet-50/101/152 state dict (DDP/compile prefixes ok)")
     parser.add_argument("output", help="file to write (*.pkl for the Detectron2 format)")
     parser.add_argument("--format", choices=FORMATS, default="detectron2",

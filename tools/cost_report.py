@@ -4,21 +4,19 @@
     python tools/cost_report.py output/pretrain/r50_none output/pretrain/r50_saliencymix ...
     python tools/cost_report.py output/pretrain/r50_* --output cost.json
 
-Each RUN_DIR is a tools/pretrain.py run folder (its config.yaml names the method, its
+Each RUN_DIR is a tools/pretrain_net.py run folder (its config.yaml names the method, its
 metrics.json holds the timed logging windows). Runs of one method are averaged; the runs must
 share the model, dataset, image size and batch size. The paper's ratios are printed beside.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.atomic_file import atomic_write_json  # noqa: E402
-from pretrain.cli import UsageError, reports_usage_errors  # noqa: E402
-from pretrain.cost import cost_table, read_run  # noqa: E402
+from pretrain.atomic_file import atomic_write_json
+from pretrain.cli import UsageError, reports_usage_errors
+from pretrain.cost import cost_table, read_run
 
 
 def format_table(rows: list[dict]) -> str:

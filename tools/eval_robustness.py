@@ -13,21 +13,19 @@ before normalisation and clipped to the valid range. The result is written besid
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.atomic_file import atomic_write_json  # noqa: E402
-from pretrain.checkpoint import weights_to_evaluate  # noqa: E402
-from pretrain.cli import check_launch, merge_config, reports_usage_errors  # noqa: E402
-from pretrain.config import get_cfg  # noqa: E402
-from pretrain.data import build_val_loader, world  # noqa: E402
-from pretrain.distributed import default_argument_parser, launch, local_device, planned_world_size  # noqa: E402
-from pretrain.weights import load_resnet_state_dict  # noqa: E402
-from pretrain.models import build_model  # noqa: E402
-from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm  # noqa: E402
-from pretrain.validate import check_pretrain_cfg  # noqa: E402
+from pretrain.atomic_file import atomic_write_json
+from pretrain.checkpoint import weights_to_evaluate
+from pretrain.cli import check_launch, merge_config, reports_usage_errors
+from pretrain.config import get_cfg
+from pretrain.data import build_val_loader, world
+from pretrain.distributed import default_argument_parser, launch, local_device, planned_world_size
+from pretrain.weights import load_resnet_state_dict
+from pretrain.models import build_model
+from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm
+from pretrain.validate import check_pretrain_cfg
 
 DEFAULT_EPSILON = 8.0
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detection.voc import image_file, write_annotation, write_split  # noqa: E402
+from detection.voc import image_file, write_annotation, write_split
 
 # name -> (shape, BGR colour)
 CLASSES = {

@@ -22,15 +22,14 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study_runner import records  # noqa: E402
-from study_runner.config import STAGE_KINDS, StudyConfigError, load_study_cfg  # noqa: E402
-from study_runner.local import StudyBusy, run_local  # noqa: E402
-from study_runner.report import REPORT_MARKDOWN, format_markdown, write_report  # noqa: E402
-from study_runner.slurm import SlurmUnavailable, describe, job_parameters, live_jobs, submit_study, wait_for  # noqa: E402
-from study_runner.stages import STUDY_CONFIG, build_stages, detection_engine  # noqa: E402
-from study_runner.status import format_status, status_rows  # noqa: E402
+from study_runner import records
+from study_runner.config import STAGE_KINDS, StudyConfigError, load_study_cfg
+from study_runner.local import StudyBusy, run_local
+from study_runner.report import REPORT_MARKDOWN, format_markdown, write_report
+from study_runner.slurm import SlurmUnavailable, describe, job_parameters, live_jobs, submit_study, wait_for
+from study_runner.stages import STUDY_CONFIG, build_stages, detection_engine
+from study_runner.status import format_status, status_rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

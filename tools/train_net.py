@@ -21,20 +21,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detection import records  # noqa: E402
-from detection.config import ENGINES, get_detection_cfg  # noqa: E402
-from detection.datasets import check_class_count, resolve  # noqa: E402
-from pretrain import checkpoint as ckpt  # noqa: E402
-from pretrain.cli import UsageError, check_file, check_launch, merge_config, reports_usage_errors  # noqa: E402
-from pretrain.data import world  # noqa: E402
-from pretrain.distributed import default_argument_parser, launch, planned_world_size  # noqa: E402
+from detection import records
+from detection.config import ENGINES, get_detection_cfg
+from detection.datasets import check_class_count, resolve
+from pretrain import checkpoint as ckpt
+from pretrain.cli import UsageError, check_file, check_launch, merge_config, reports_usage_errors
+from pretrain.data import world
+from pretrain.distributed import default_argument_parser, launch, planned_world_size
 
 logger = logging.getLogger("train_net")
 DETECTRON2_INSTALLED = importlib.util.find_spec("detectron2") is not None

@@ -8,17 +8,15 @@ fine-grained peak, and that patch pasted into the next photograph.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.mix import box_masks, centred_boxes, cut_size  # noqa: E402
-from pretrain.saliency import BACKENDS, METHODS, compute_saliency, saliency_peaks  # noqa: E402
+from pretrain.mix import box_masks, centred_boxes, cut_size
+from pretrain.saliency import BACKENDS, METHODS, compute_saliency, saliency_peaks
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SKIMAGE_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")

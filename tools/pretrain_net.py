@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """ImageNet (or CIFAR) pretraining with a batch mixer (none, cutout, mixup, cutmix, saliencymix).
 
-    python tools/pretrain.py --config-file configs/pretrain/r50_saliencymix.yaml --num-gpus 8
-    python tools/pretrain.py --config-file ... --resume                      # continue the run
-    python tools/pretrain.py --config-file ... --eval-only MODEL.WEIGHTS run/model_best.pth
-    torchrun --nnodes 2 --nproc-per-node 8 ... tools/pretrain.py --config-file ...   # multi-node
-    srun --ntasks-per-node 8 ... tools/pretrain.py --config-file ...                 # one process per SLURM task
-    python tools/pretrain.py --config-file configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml DATA.ROOT ~/cifar
+    python tools/pretrain_net.py --config-file configs/pretrain/r50_saliencymix.yaml --num-gpus 8
+    python tools/pretrain_net.py --config-file ... --resume                      # continue the run
+    python tools/pretrain_net.py --config-file ... --eval-only MODEL.WEIGHTS run/model_best.pth
+    torchrun --nnodes 2 --nproc-per-node 8 ... tools/pretrain_net.py --config-file ...   # multi-node
+    srun --ntasks-per-node 8 ... tools/pretrain_net.py --config-file ...                 # one process per SLURM task
+    python tools/pretrain_net.py --config-file configs/pretrain/cifar/cifar10_resnet18_saliencymix.yaml DATA.ROOT ~/cifar
 
 Trailing ``KEY VALUE`` pairs override the config (``SOLVER.BATCH_SIZE 512 DATA.ROOT /data``).
 On a machine without GPUs, ``--num-gpus N`` runs N CPU processes (gloo). The config, the data
@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.checkpoint import weights_to_evaluate  # noqa: E402
-from pretrain.cli import check_launch, merge_config, reports_usage_errors  # noqa: E402
-from pretrain.config import get_cfg  # noqa: E402
-from pretrain.distributed import default_argument_parser, launch, planned_world_size  # noqa: E402
-from pretrain.engine import PretrainTrainer  # noqa: E402
-from pretrain.validate import check_pretrain_cfg  # noqa: E402
+from pretrain.checkpoint import weights_to_evaluate
+from pretrain.cli import check_launch, merge_config, reports_usage_errors
+from pretrain.config import get_cfg
+from pretrain.distributed import default_argument_parser, launch, planned_world_size
+from pretrain.engine import PretrainTrainer
+from pretrain.validate import check_pretrain_cfg
 
 
 @reports_usage_errors
