@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain import saliency
+from pretrain import frequency_tuned
 from pretrain.saliency import METHODS, compute_saliency, saliency_peaks
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -111,7 +111,7 @@ def test_frequency_tuned_equals_the_straightforward_formulation(chunk_pixels, mo
     """The fast path (8-bit lookup table, exp2/log2 powers, masks folded away, box-sum blur,
     chunks) gives the plain formulation's maps up to float32 rounding."""
     if chunk_pixels is not None:
-        monkeypatch.setattr(saliency, "_CPU_CHUNK_PIXELS", chunk_pixels)
+        monkeypatch.setattr(frequency_tuned, "_CPU_CHUNK_PIXELS", chunk_pixels)
     for images in frequency_tuned_inputs():
         torch.testing.assert_close(compute_saliency(images, "frequency_tuned"),
                                    reference_frequency_tuned(images), rtol=0, atol=5e-6)
