@@ -51,7 +51,10 @@ def get_cfg() -> CN:
     cfg.MIX.BACKEND = "torch"  # torch (batched, on the GPU) | opencv (per image, the reference)
     cfg.MIX.BOX = "batch"  # batch (one box from the first source, as the official code) | sample
     cfg.MIX.STRATEGY = "sal2corr"  # sal2corr | sal2sal | sal2nonsal | nonsal2sal | nonsal2nonsal | center2center
-    cfg.MIX.SALIENCY_ON = "pixels"  # pixels (de-normalised with DATA.MEAN/STD) | input (the tensor as given)
+    # pixels (de-normalised with DATA.MEAN/STD: as the paper describes) | input (the tensor as given,
+    # clipped to [0, 1]) | official (the tensor as the official code hands it to OpenCV, fine_grained
+    # only: with BOX batch and STRATEGY sal2corr, the published box exactly)
+    cfg.MIX.SALIENCY_ON = "pixels"
 
     cfg.SOLVER = CN()
     cfg.SOLVER.EPOCHS = 300

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pretrain.saliency import BACKENDS, METHODS, compute_saliency, saliency_peaks
+from pretrain.saliency import BACKENDS, METHODS, compute_saliency, official_fine_grained, saliency_peaks
 
 # Where each SaliencyMix strategy (the paper's ablation) cuts the patch from the source and
 # pastes it into the target: around the most ("peak") or least ("lowest") salient pixel, at the
@@ -28,7 +28,9 @@ PLACEMENTS = {
 }
 STRATEGIES = tuple(PLACEMENTS)
 BOX_MODES = ("batch", "sample")
-SALIENCY_INPUTS = ("pixels", "input")
+# What the saliency detector sees: the de-normalised "pixels", the "input" tensor as given (in
+# [0, 1], clipped), or the input as the official code hands it to OpenCV ("official", float bytes).
+SALIENCY_INPUTS = ("pixels", "input", "official")
 
 
 # ------------------------------------------------------------------------- plain tensor helpers
@@ -258,7 +260,9 @@ class SaliencyMix(BatchMixer):
     batch, as the official ImageNet code does; ``box="sample"`` gives each sample the box of its
     own source, as the paper describes. ``strategy`` picks where the patch is cut from and
     pasted to (the paper's ablation); ``saliency_on`` says whether the detector sees the
-    de-normalised ``pixels`` or the ``input`` tensor as given (as the official code does).
+    de-normalised ``pixels``, the ``input`` tensor as given, or, with ``official``, the input as
+    the official code hands it to OpenCV's fine-grained detector (through OpenCV whatever the
+    backend). ``box="batch"`` with ``saliency_on="official"`` reproduces the official box.
     """
 
     CONFIG_KEYS = {**BatchMixer.CONFIG_KEYS, "saliency": "MIX.SALIENCY", "backend": "MIX.BACKEND",
@@ -276,6 +280,9 @@ class SaliencyMix(BatchMixer):
                                      ("saliency_on", saliency_on, SALIENCY_INPUTS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+        if saliency_on == "official" and saliency != "fine_grained":
+            raise ValueError(f"saliency_on 'official' is the official code's fine_grained detector, "
+                             f"not {saliency!r}")
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std for de-normalisation, or neither")
         if std is not None and any(s <= 0 for s in std):
@@ -294,7 +301,7 @@ class SaliencyMix(BatchMixer):
         """What the saliency detector is shown: pixels in [0, 1], or the tensor as given."""
         if images.shape[1] != 3:
             raise ValueError(f"SaliencyMix needs 3-channel images, got {images.shape[1]} channels")
-        if self.saliency_on == "input" or images.dtype == torch.uint8 or self.mean is None:
+        if self.saliency_on != "pixels" or images.dtype == torch.uint8 or self.mean is None:
             return images
         if self.mean.shape[1] != images.shape[1]:
             raise ValueError(f"mean/std have {self.mean.shape[1]} values for {images.shape[1]} channels")
@@ -323,7 +330,7 @@ class SaliencyMix(BatchMixer):
         top, left, bottom, right = source_box[0].tolist()
         to_top, to_left, to_bottom, to_right = target_box[0].tolist()
         images[:, :, to_top:to_bottom, to_left:to_right] = images[permutation, :, top:bottom, left:right]
-        lam = 1.0 - float(box_area_ratio(source_box, height, width))
+        lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # in float64, as the official code
         return images, mix_targets(targets, permutation, lam)
 
     def _mix_sample_boxes(self, images, targets, permutation, cut):
@@ -344,7 +351,10 @@ class SaliencyMix(BatchMixer):
         """Saliency maps of the source images, and of the target images when the strategy
         places the patch by the target's saliency; stacked as ``(sources, targets)``."""
         needed = sources if self.target_at == "same" else torch.cat([sources, targets])
-        return compute_saliency(self.detector_view(images[needed]), self.saliency, self.backend)
+        view = self.detector_view(images[needed])
+        if self.saliency_on == "official":
+            return official_fine_grained(view)
+        return compute_saliency(view, self.saliency, self.backend)
 
     def _centres(self, images, sources, targets):
         """``(2, N, 2)``: the (row, column) centres of the source and the target box of each

@@ -83,6 +83,27 @@ def _opencv_saliency(images: torch.Tensor, method: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(maps)).to(images.device)
 
 
+def official_fine_grained(images: torch.Tensor) -> torch.Tensor:
+    """The official SaliencyMix code's maps, on the CPU: each image's float tensor as given (the
+    normalised input), handed to OpenCV's fine-grained detector as an H x W x C float32 array and
+    the map cast with ``(map * 255).astype("uint8")``, as ``saliency_bbox`` does; as levels / 255.
+
+    OpenCV's detector reads its grey image as 8-bit, so it reads float input's bytes rather than
+    its values: these maps say little about the picture (README: how it differs from the
+    official code). Only OpenCV reproduces that, one image at a time.
+    """
+    import cv2
+
+    levels = []
+    for image in images.float().cpu().numpy():
+        ok, saliency_map = cv2.saliency.StaticSaliencyFineGrained_create().computeSaliency(
+            image.transpose(1, 2, 0))
+        if not ok:
+            raise RuntimeError(f"OpenCV fine-grained saliency failed on an image of shape {image.shape}")
+        levels.append((saliency_map * 255).astype("uint8"))
+    return torch.from_numpy(np.stack(levels)).float().div_(255)
+
+
 def _opencv_frequency_tuned(cv2, bgr: np.ndarray) -> np.ndarray:
     lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab)
     mean = lab.reshape(-1, 3).mean(axis=0)

@@ -695,6 +695,7 @@ def test_build_mixer_names():
     ("saliencymix", {"saliency": "itti"}, r"saliency method 'itti'"),
     ("saliencymix", {"backend": "cuda"}, r"saliency backend 'cuda'"),
     ("saliencymix", {"saliency_on": "rgb"}, r"saliency_on 'rgb'"),
+    ("saliencymix", {"saliency_on": "official", "saliency": "spectral_residual"}, r"official.*'spectral_residual'"),
     ("saliencymix", {"mean": MEAN}, r"mean and std"),
     ("saliencymix", {"mean": MEAN, "std": (0.2, 0.0, 0.2)}, r"std .*0\.0"),
     ("cutmixx", {}, r"mixing method 'cutmixx'"),
@@ -738,6 +739,7 @@ def test_saliencymix_needs_rgb(box):
 @pytest.mark.parametrize("entry", ALL_MIXERS + [
     ("saliencymix", {"box": "sample", "strategy": "nonsal2sal"}),
     ("saliencymix", {"box": "batch", "strategy": "sal2sal"}),
+    ("saliencymix", {"box": "batch", "saliency_on": "official"}),
 ], ids=mixer_id)
 def test_cuda_matches_cpu(entry):
     """On CUDA, with the same CPU generator state, every mixer gives the CPU result."""
@@ -811,6 +813,7 @@ def test_sync_counter_sees_each_kind_of_sync():
     ("saliencymix", {"box": "batch", "strategy": "center2center"}),
     ("saliencymix", {"box": "sample", "strategy": "nonsal2sal"}),
     ("saliencymix", {"box": "sample", "strategy": "center2center"}),
+    ("saliencymix", {"box": "batch", "saliency_on": "official"}),
 ], ids=mixer_id)
 def test_host_waits_for_the_device_at_most_once(entry, labels_on):
     """On a GPU the host must not wait for the device inside a mixer, as ``.item()``, a blocking
