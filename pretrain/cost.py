@@ -33,9 +33,17 @@ class RunCost:
 
 
 def method_label(cfg: CfgNode) -> str:
-    """The mixer's name, with the SaliencyMix box policy when it is not the paper's shared box."""
+    """The mixer's name, with the SaliencyMix box policy and saliency input where they are not
+    the defaults (the shared box, the pixels), so that such runs get rows of their own."""
     name = cfg.MIX.NAME.lower()
-    return f"{name} ({cfg.MIX.BOX} box)" if name == "saliencymix" and cfg.MIX.BOX != "batch" else name
+    if name != "saliencymix":
+        return name
+    details = []
+    if cfg.MIX.BOX != "batch":
+        details.append(f"{cfg.MIX.BOX} box")
+    if cfg.MIX.SALIENCY_ON != "pixels":
+        details.append(f"{cfg.MIX.SALIENCY_ON} saliency")
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def read_run(run: Path) -> RunCost:

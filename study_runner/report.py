@@ -19,7 +19,7 @@ from fvcore.common.config import CfgNode
 from detection.report import compare_runs, format_gain, format_mean_std, load_runs
 from pretrain.atomic_file import atomic_write, atomic_write_json
 from pretrain.cost import cost_table, read_run
-from study_runner.paper import PAPER_TABLES, PaperTable
+from study_runner.paper import PAPER_TABLES, PaperTable, published
 from study_runner.stages import REPORT_JSON, fgsm_result, pretrain_dir
 
 MISSING = "missing"
@@ -43,8 +43,8 @@ def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
     rows = []
     for method in cfg.STUDY.METHODS:
         result = final_evaluation(pretrain_dir(cfg, method)) or {}
-        rows.append(row(method, result.get("top1_error"), paper and paper.top1_error.get(method),
-                        top5_ours=result.get("top5_error"), top5_paper=paper and paper.top5_error.get(method)))
+        rows.append(row(method, result.get("top1_error"), paper and published(paper.top1_error, method),
+                        top5_ours=result.get("top5_error"), top5_paper=paper and published(paper.top5_error, method)))
     return {"name": "classification", "title": "Classification top-1 error (%), lower is better",
             "value": "top-1 error (%)", "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5"},
             "rows": rows}
@@ -61,11 +61,11 @@ def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
         summaries = compare_runs(runs, cfg.STUDY.BASELINE if has_baseline else methods_run[0])["methods"]
         if not has_baseline:  # no gain without the baseline's trials
             summaries = {method: {**summary, "gain": None} for method, summary in summaries.items()}
-    baseline_paper = paper and paper.voc_ap50.get(cfg.STUDY.BASELINE)
+    baseline_paper = paper and published(paper.voc_ap50, cfg.STUDY.BASELINE)
     rows = []
     for method in cfg.STUDY.METHODS:
         summary = summaries.get(method)
-        paper_value = paper and paper.voc_ap50.get(method)
+        paper_value = paper and published(paper.voc_ap50, method)
         gain = summary["gain"]["AP50"] if summary and summary["gain"] else None
         rows.append(row(
             method, summary and summary["mean"]["AP50"], paper_value,
@@ -92,7 +92,7 @@ def robustness_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
     for method in cfg.STUDY.METHODS:
         path = fgsm_result(cfg, method)
         result = json.loads(path.read_text()) if path.is_file() else {}
-        rows.append(row(method, result.get("fgsm_top1_accuracy"), paper and paper.fgsm_accuracy.get(method),
+        rows.append(row(method, result.get("fgsm_top1_accuracy"), paper and published(paper.fgsm_accuracy, method),
                         clean=result.get("clean_top1_accuracy")))
     return {"name": "robustness",
             "title": f"Top-1 accuracy (%) under FGSM, epsilon {cfg.ROBUSTNESS.EPSILON:g}/255, higher is better",
@@ -112,11 +112,11 @@ def cost_rows(cfg: CfgNode) -> dict[str, dict]:
 
 def cost_table_rows(cfg: CfgNode, paper: PaperTable | None) -> dict:
     measured = cost_rows(cfg)
-    baseline_hours = paper and paper.cost_hours.get(cfg.STUDY.BASELINE)
+    baseline_hours = paper and published(paper.cost_hours, cfg.STUDY.BASELINE)
     rows = []
     for method in cfg.STUDY.METHODS:
         cost = measured.get(method, {})
-        hours = paper and paper.cost_hours.get(method)
+        hours = paper and published(paper.cost_hours, method)
         rows.append(row(method, cost.get("relative"), hours / baseline_hours if hours and baseline_hours else None,
                         seconds_per_epoch=cost.get("seconds_per_epoch")))
     return {"name": "cost", "title": f"Training time per epoch relative to {cfg.STUDY.BASELINE!r}",

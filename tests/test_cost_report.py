@@ -47,6 +47,7 @@ def test_cost_report_gives_seconds_per_epoch_and_ratio_to_the_baseline(tmp_path)
             fabricate_run(tmp_path / "none_b", "none", 0.70),
             fabricate_run(tmp_path / "salmix", "saliencymix", 0.66),
             fabricate_run(tmp_path / "salmix_sample", "saliencymix", 0.90, MIX__BOX="sample"),
+            fabricate_run(tmp_path / "salmix_official", "saliencymix", 0.72, MIX__SALIENCY_ON="official"),
             fabricate_run(tmp_path / "cutmix", "cutmix", 0.63)]
     command = [sys.executable, str(REPO / "tools/cost_report.py"), *map(str, runs), "--output", str(tmp_path / "c.json")]
     printed = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
@@ -58,6 +59,7 @@ def test_cost_report_gives_seconds_per_epoch_and_ratio_to_the_baseline(tmp_path)
     assert by_method["saliencymix"]["seconds_per_epoch"] == pytest.approx(33.0)
     assert by_method["saliencymix"]["relative"] == pytest.approx(1.1)
     assert by_method["saliencymix (sample box)"]["relative"] == pytest.approx(1.5)
+    assert by_method["saliencymix (official saliency)"]["relative"] == pytest.approx(1.2)
     assert by_method["saliencymix"]["paper_relative"] == pytest.approx(0.91 / 0.83)
     assert by_method["saliencymix (sample box)"]["paper_relative"] is None
     assert json.loads((tmp_path / "c.json").read_text()) == rows

@@ -124,7 +124,7 @@ def test_the_paper_study_dry_run_lists_every_stage_and_its_exact_command():
     assert result.returncode == 0, explain(result)
     lines = result.stdout.splitlines()
     stages = [line.split("]")[1].split(":")[0].strip() for line in lines if line.startswith("[")]
-    methods = ("none", "cutout", "mixup", "cutmix", "saliencymix")
+    methods = ("none", "cutout", "mixup", "cutmix", "saliencymix", "saliencymix_official")
     expected = []
     for method in methods:
         expected += [f"pretrain.{method}", f"robustness.{method}", f"export.{method}",
@@ -176,6 +176,8 @@ def test_the_report_of_an_empty_study_shows_every_figure_as_missing(tmp_path):
         assert (tmp_path / f"study_report_{table['name']}.png").stat().st_size > 0
     markdown = (tmp_path / "study_report.md").read_text()
     assert f"| none | {MISSING} | 23.68 |" in markdown and f"| saliencymix | {MISSING} | 78.48 |" in markdown
+    assert f"| saliencymix_official | {MISSING} | 21.26 |" in markdown  # as published, beside the paper too
+    assert f"| saliencymix_official | {MISSING} | 78.48 |" in markdown
     assert "0.00" not in markdown
 
 
