@@ -22,34 +22,38 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SKIMAGE_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 
 
-def load_photographs(paths: list[str], size: int, limit: int) -> tuple[list[str], torch.Tensor]:
-    """Names and a ``N x 3 x size x size`` float batch of (at most ``limit`` of) the given
-    images, or of scikit-image's bundled photographs when no path is given."""
-    if paths:
-        files = []
-        for path in map(Path, paths):
-            if path.is_dir():
-                files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            elif path.is_file():
-                files.append(path)
-            else:
-                raise SystemExit(f"error: no such image file or folder: {path}")
-        if not files:
-            raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {paths}")
-        names, arrays = [], []
-        for file in files[:limit]:
-            bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise SystemExit(f"error: cannot read image {file}")
-            names.append(file.name)
-            arrays.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    else:
+def read_images(paths: list[str], limit: int) -> tuple[list[str], list[np.ndarray]]:
+    """Names and RGB uint8 arrays of (at most ``limit`` of) the given image files and folders,
+    or of scikit-image's bundled photographs when no path is given."""
+    if not paths:
         try:
             import skimage.data
         except ImportError:
             raise SystemExit("error: give image paths, or install scikit-image for its bundled photos")
-        names = list(SKIMAGE_PHOTOS)
-        arrays = [getattr(skimage.data, name)() for name in names]
+        return list(SKIMAGE_PHOTOS), [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS]
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"error: no such image file or folder: {path}")
+    if not files:
+        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {paths}")
+    names, arrays = [], []
+    for file in files[:limit]:
+        bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise SystemExit(f"error: cannot read image {file}")
+        names.append(file.name)
+        arrays.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return names, arrays
+
+
+def load_photographs(paths: list[str], size: int, limit: int) -> tuple[list[str], torch.Tensor]:
+    """Names and a ``N x 3 x size x size`` float batch of the images ``read_images`` reads."""
+    names, arrays = read_images(paths, limit)
     resized = [cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA) for a in arrays]
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255
     return names, batch
