@@ -84,13 +84,13 @@ def _opencv_saliency(images: torch.Tensor, method: str) -> torch.Tensor:
 
 
 def official_fine_grained(images: torch.Tensor) -> torch.Tensor:
-    """The official SaliencyMix code's maps, on the CPU: each image's float tensor as given (the
-    normalised input), handed to OpenCV's fine-grained detector as an H x W x C float32 array and
-    the map cast with ``(map * 255).astype("uint8")``, as ``saliency_bbox`` does; as levels / 255.
+    """The official SaliencyMix code's fine-grained maps, on the CPU, as its ``saliency_bbox``
+    makes them: each image's float tensor as given (the normalised input) handed to OpenCV as an
+    H x W x C float32 array, the map cast with ``(map * 255).astype("uint8")``; those levels / 255.
 
-    OpenCV's detector reads its grey image as 8-bit, so it reads float input's bytes rather than
-    its values: these maps say little about the picture (README: how it differs from the
-    official code). Only OpenCV reproduces that, one image at a time.
+    OpenCV's detector reads its grey image as 8-bit, so on float input it reads bytes rather than
+    values: these maps say little about the picture (README: SaliencyMix as published and as
+    described). Only OpenCV itself reproduces that, one image at a time.
     """
     import cv2
 
