@@ -133,11 +133,11 @@ def test_a_job_that_reaches_its_time_limit_is_requeued_and_resumes(data, tmp_pat
 
 
 def _long_pretraining() -> list[str]:
-    """The tiny pretraining, long enough (about two minutes) to outlast a one-minute job."""
+    """The tiny pretraining, long enough (two minutes or more) to outlast a one-minute job."""
     from tiny_study import PRETRAIN_OPTS
 
     options = dict(zip(PRETRAIN_OPTS[::2], PRETRAIN_OPTS[1::2]))
-    options["SOLVER.EPOCHS"] = "40"
+    options["SOLVER.EPOCHS"] = "100"
     return [item for pair in options.items() for item in pair]
 
 
