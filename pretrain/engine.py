@@ -195,9 +195,9 @@ class PretrainTrainer:
             eval_period = self.cfg.TEST.EVAL_PERIOD
             if last or (epoch_done and eval_period and (self.iteration // self.iterations_per_epoch) % eval_period == 0):
                 result = self.evaluate_and_keep_best()
-        replacements = int(all_reduce_sum([self.replacements], self.device)[0])
         final = self._state()
         bad = final["metrics"]["unreadable_train_images"]
+        replacements = sum(final["metrics"]["train_image_replacements"])
         if self.rank == 0:
             ckpt.save(self.output_dir / ckpt.FINAL_NAME, final)
             self._write_bad_images(bad)

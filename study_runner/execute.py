@@ -26,12 +26,12 @@ def _child_setup() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+def stop(process: subprocess.Popen) -> None:
     """End the tool and every process it started (its own process group)."""
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signum)
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
@@ -40,7 +40,7 @@ def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
         pass
 
 
-def run_command(argv: list[str], log: Path, echo: bool, on_start=None) -> int:
+def run_command(argv: list[str], log: Path, echo: bool) -> int:
     """Run ``argv`` from the repository root, appending its output to ``log`` (and to our
     stdout with ``echo``). Any exception here (a signal's handler included) ends the tool."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,6 @@ def run_command(argv: list[str], log: Path, echo: bool, on_start=None) -> int:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                                    start_new_session=True, preexec_fn=_child_setup)
         try:
-            if on_start:
-                on_start(process)
             for chunk in iter(lambda: process.stdout.read1(65536), b""):
                 stream.write(chunk)
                 stream.flush()
@@ -64,7 +62,7 @@ def run_command(argv: list[str], log: Path, echo: bool, on_start=None) -> int:
 
 
 def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str | None = None,
-              machines: tuple[int, int, str] | None = None, on_start=None) -> int:
+              machines: tuple[int, int, str] | None = None) -> int:
     """One attempt at ``stage``; returns the tool's exit status. On a multi-node job every
     node runs this; only node 0 (``machines[1] == 0``) keeps the record and the main log."""
     resume = stage.resumable_now()
@@ -81,7 +79,7 @@ def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str
     start = time.monotonic()
     total = previous.get("wall_seconds", 0.0)
     try:
-        status = run_command(argv, log, echo, on_start)
+        status = run_command(argv, log, echo)
     except BaseException as error:  # a signal's handler (Ctrl-C, SLURM's requeue) stopped us
         if recording:
             records.update_record(output, stage.name, ended_at=records.now(), interrupted=type(error).__name__,

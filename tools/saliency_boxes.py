@@ -25,7 +25,7 @@ import torch
 from pretrain.config import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.mix import box_masks, centred_boxes, cut_size
 from pretrain.saliency import compute_saliency, official_fine_grained, saliency_peaks
-from visualize_saliency import read_images
+from visualize_saliency import read_images, save_figure
 
 MODES = {"official": "as published (official)", "pixels": "as described (pixels)"}
 COLOURS = {"official": "red", "pixels": "lime"}
@@ -111,10 +111,7 @@ def draw(pixels, peaks, boxes, examples: int, output: Path) -> None:
         ax.set_yticks([])
         if not ax.images:
             ax.axis("off")
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=64)
-    plt.close(fig)
+    save_figure(fig, output, dpi=64)
 
 
 def main(argv=None) -> dict:

@@ -59,6 +59,16 @@ def load_photographs(paths: list[str], size: int, limit: int) -> tuple[list[str]
     return names, batch
 
 
+def save_figure(fig, output: Path, dpi: int) -> None:
+    """Lay out, write (the folder made if needed) and release a pyplot figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+
+
 def draw_grid(names, images, maps, boxes, mixed, output: Path, lam: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -84,10 +94,7 @@ def draw_grid(names, images, maps, boxes, mixed, output: Path, lam: float) -> No
         axes[row][len(METHODS) + 1].add_patch(
             Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, color="lime", lw=2))
         axes[row][0].set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    save_figure(fig, output, dpi=100)
 
 
 def main(argv=None) -> Path:
