@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := output/demo
+# `make demo SEED=1`: the same demo with another training seed (same data), into output/demo_seed1.
+SEED ?= 0
+ifneq ($(SEED),0)
+SEED_OPTS := OUTPUT_DIR $(DEMO_DIR)_seed$(SEED) PRETRAIN.OPTS "['SEED', '$(SEED)']" DETECT.SEEDS "[$(SEED)]"
+endif
 
 .PHONY: venv demo test bench clean
 
@@ -19,7 +24,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	test -f $(DEMO_DIR)/data/manifest.json || $(PY) tools/make_demo_data.py --output $(DEMO_DIR)/data
 	$(PY) tools/visualize_saliency.py $(DEMO_DIR)/data/detection/JPEGImages --limit 6 --output $(DEMO_DIR)/saliency.png
-	$(PY) tools/study.py --config-file configs/study/demo.yaml
+	$(PY) tools/study.py --config-file configs/study/demo.yaml $(SEED_OPTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

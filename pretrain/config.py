@@ -20,6 +20,10 @@ def get_cfg() -> CN:
     cfg.MODEL.ARCH = "resnet50"  # a torchvision ResNet (resnet18 ... resnet152) or wideresnet28_10
     cfg.MODEL.STEM = "imagenet"  # imagenet (7x7 stride 2 + max pool) | cifar (3x3 stride 1, for 32 px)
     cfg.MODEL.DROPOUT = 0.0  # inside WideResNet blocks
+    # torchvision ResNets: the last BN of each residual block starts at zero, so every block starts
+    # as the identity (Goyal et al. 2017); steadier early training on small batches. The paper's
+    # code does not do it.
+    cfg.MODEL.ZERO_INIT_RESIDUAL = False
     cfg.MODEL.NUM_CLASSES = 1000
     cfg.MODEL.WEIGHTS = ""  # for --eval-only: a checkpoint to evaluate (default: the last one)
     cfg.MODEL.CHANNELS_LAST = True

@@ -7,14 +7,13 @@ method and the setup come from the ``config.yaml`` that ``tools/pretrain_net.py`
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from fvcore.common.config import CfgNode
 
-from pretrain.config import get_cfg
+from pretrain.run_folder import read_config, read_metrics
 
 BASELINE = "none"
 # Keys that must agree between runs for their times to be comparable.
@@ -47,25 +46,16 @@ def method_label(cfg: CfgNode) -> str:
 
 
 def read_run(run: Path) -> RunCost:
-    config, metrics = run / "config.yaml", run / "metrics.json"
-    for path in (config, metrics):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: {run} is not a tools/pretrain_net.py run folder")
-    cfg = get_cfg()
-    cfg.merge_from_file(str(config))
+    cfg = read_config(run)
     seconds = iterations = 0.0
     per_epoch = None
-    for number, line in enumerate(metrics.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{metrics}:{number}: not a JSON line ({error})") from None
+    for record in read_metrics(run):
         if "window_seconds" in record:
             seconds += record["window_seconds"]
             iterations += record["window_iterations"]
             per_epoch = record["iterations_per_epoch"]
     if not iterations:
-        raise ValueError(f"{metrics} has no timed training windows (window_seconds); "
+        raise ValueError(f"{run / 'metrics.json'} has no timed training windows (window_seconds); "
                          "train longer than LOG_PERIOD iterations")
     setup = {key: cfg[key.split(".")[0]][key.split(".")[1]] for key in SETUP_KEYS}
     return RunCost(run, method_label(cfg), setup, seconds / iterations * per_epoch, iterations / per_epoch)

@@ -21,11 +21,15 @@ def build_model(cfg) -> nn.Module:
     arch, classes = cfg.MODEL.ARCH, cfg.MODEL.NUM_CLASSES
     wide = WIDE_RESNET.fullmatch(arch)
     if wide:
+        if cfg.MODEL.ZERO_INIT_RESIDUAL:
+            raise ValueError(f"MODEL.ZERO_INIT_RESIDUAL applies to torchvision ResNets, not to {arch!r} "
+                             "(pre-activation blocks end in a convolution, not a BN)")
         return WideResNet(int(wide[1]), int(wide[2]), classes, cfg.MODEL.DROPOUT)
     if not arch.startswith("resnet") or not hasattr(torchvision.models, arch):
         raise ValueError(f"MODEL.ARCH {arch!r} is neither a torchvision ResNet (resnet18 ... resnet152) "
                          "nor wideresnet{depth}_{width} (wideresnet28_10)")
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=classes)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=classes,
+                                              zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL)
     if cfg.MODEL.STEM not in STEMS:
         raise ValueError(f"unknown MODEL.STEM {cfg.MODEL.STEM!r}; choose one of {STEMS}")
     if cfg.MODEL.STEM == "cifar":

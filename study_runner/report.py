@@ -1,9 +1,11 @@
 """The study report: one table per measurement, each arm's figure beside the paper's, read from
 whatever the study folder holds so far (a figure not measured yet is missing, never zero):
 
-- ImageNet (or CIFAR) top-1 / top-5 error of the finished pretrainings;
+- ImageNet (or CIFAR) top-1 / top-5 error of the finished pretrainings, with whether each trained
+  stably and reached its plateau (``pretrain.convergence``);
 - VOC AP50 / AP / AP75, mean ± std over the finished trials, and the gain over the baseline
-  with its 95% Welch interval (the statistics of ``tools/compare.py``);
+  with its 95% Welch interval (the statistics of ``tools/compare.py``), beside the top-1 error of
+  the backbone that was transferred;
 - top-1 accuracy under FGSM at the configured epsilon;
 - training time per epoch relative to the baseline (the figures of ``tools/cost_report.py``).
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from fvcore.common.config import CfgNode
 
 from detection.report import compare_runs, format_gain, format_mean_std, load_runs
+from pretrain import convergence
 from pretrain.atomic_file import atomic_write, atomic_write_json
 from pretrain.cost import cost_table, read_run
 from study_runner.paper import PAPER_TABLES, PaperTable, published
@@ -43,11 +46,26 @@ def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
     rows = []
     for method in cfg.STUDY.METHODS:
         result = final_evaluation(pretrain_dir(cfg, method)) or {}
+        health = training_health(pretrain_dir(cfg, method)) if result else {}
         rows.append(row(method, result.get("top1_error"), paper and published(paper.top1_error, method),
-                        top5_ours=result.get("top5_error"), top5_paper=paper and published(paper.top5_error, method)))
+                        top5_ours=result.get("top5_error"), top5_paper=paper and published(paper.top5_error, method),
+                        error_at_four_fifths=health.get("top1_error_at_four_fifths"),
+                        final_loss=health.get("final_loss"), peak_loss=health.get("peak_loss_after_warmup"),
+                        training=convergence.verdict(health) if health else None))
     return {"name": "classification", "title": "Classification top-1 error (%), lower is better",
-            "value": "top-1 error (%)", "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5"},
+            "value": "top-1 error (%)",
+            "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5",
+                        "error_at_four_fifths": "top-1 at 4/5 of training", "final_loss": "final train loss",
+                        "peak_loss": "peak loss after warm-up", "training": "training"},
             "rows": rows}
+
+
+def training_health(run: Path) -> dict:
+    """``pretrain.convergence``'s summary of a finished run; empty where its records say nothing."""
+    try:
+        return convergence.summarize(run)
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
@@ -65,18 +83,21 @@ def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
     rows = []
     for method in cfg.STUDY.METHODS:
         summary = summaries.get(method)
+        backbone = final_evaluation(pretrain_dir(cfg, method)) or {}
         paper_value = paper and published(paper.voc_ap50, method)
         gain = summary["gain"]["AP50"] if summary and summary["gain"] else None
         rows.append(row(
             method, summary and summary["mean"]["AP50"], paper_value,
             trials=f"{summary['trials'] if summary else 0}/{len(cfg.DETECT.SEEDS)}",
+            backbone_top1=backbone.get("top1_error"),
             ap50=summary and format_mean_std(summary["mean"]["AP50"], summary["std"]["AP50"]),
             ap=summary and format_mean_std(summary["mean"]["AP"], summary["std"]["AP"]),
             ap75=summary and format_mean_std(summary["mean"]["AP75"], summary["std"]["AP75"]),
             gain="baseline" if method == cfg.STUDY.BASELINE else format_gain(gain) if gain else None,
             paper_gain=paper_gain(method, paper_value, baseline_paper, cfg.STUDY.BASELINE)))
     return {"name": "detection", "title": "VOC detection AP50 (%), mean over trials, higher is better",
-            "value": "AP50", "columns": {"trials": "trials", "ap50": "AP50 mean ± std", "ap": "AP", "ap75": "AP75",
+            "value": "AP50", "columns": {"trials": "trials", "backbone_top1": "backbone top-1 error",
+                                         "ap50": "AP50 mean ± std", "ap": "AP", "ap75": "AP75",
                                          "gain": "gain AP50 [95% CI]", "paper_gain": "paper gain"},
             "rows": rows}
 
@@ -126,12 +147,12 @@ def cost_table_rows(cfg: CfgNode, paper: PaperTable | None) -> dict:
 def build_report(cfg: CfgNode) -> dict:
     paper = PAPER_TABLES.get(cfg.STUDY.PAPER)
     tables = [classification_table(cfg, paper)]
-    if cfg.DETECT.ENABLED:
-        tables.append(detection_table(cfg, paper))
     if cfg.ROBUSTNESS.ENABLED:
         tables.append(robustness_table(cfg, paper))
     if cfg.COST.ENABLED:
         tables.append(cost_table_rows(cfg, paper))
+    if cfg.DETECT.ENABLED:  # last: what was transferred, each backbone's error beside its detector's AP
+        tables.append(detection_table(cfg, paper))
     return {"study": cfg.OUTPUT_DIR, "note": cfg.STUDY.NOTE, "paper": paper.title if paper else None,
             "baseline": cfg.STUDY.BASELINE, "tables": tables}
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Built-in data for the demo: a classification set in the ImageNet folder layout and a detection
-set in the Pascal VOC layout, with the same object classes (coloured shapes) drawn at random
+set in the Pascal VOC layout, with the same object classes (shapes in random colours) drawn at random
 positions and scales on cluttered, textured backgrounds, so that where the object lies matters.
 
     python tools/make_demo_data.py --output output/demo/data            # deterministic by --seed
@@ -20,23 +20,24 @@ import numpy as np
 
 from detection.voc import image_file, write_annotation, write_split
 
-# name -> (shape, BGR colour)
-CLASSES = {
-    "red_disc": ("disc", (50, 50, 220)),
-    "green_square": ("square", (60, 190, 60)),
-    "blue_triangle": ("triangle", (210, 110, 40)),
-    "yellow_ring": ("ring", (40, 210, 230)),
-    "magenta_cross": ("cross", (200, 60, 200)),
-}
-CLASS_NAMES = tuple(CLASSES)
+# The classes are shapes; every object gets a random saturated colour, so that no class can be
+# told from its colour alone and a classifier has to learn shape.
+CLASS_NAMES = ("disc", "square", "triangle", "ring", "cross")
 
 
-def cluttered_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth coloured noise with muted blobs and lines: texture without the objects' colours."""
+def object_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random saturated, bright BGR colour: any hue, for any class."""
+    hsv = np.array([[[rng.integers(0, 180), rng.integers(150, 256), rng.integers(150, 256)]]], np.uint8)
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
+
+
+def cluttered_background(rng: np.random.Generator, size: int, clutter: tuple[int, int]) -> np.ndarray:
+    """Smooth coloured noise with ``clutter`` (a range) muted blobs and lines: texture without the
+    objects' saturated colours."""
     coarse = rng.integers(70, 170, (size // 8 + 1, size // 8 + 1, 3)).astype(np.uint8)
     image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
     image = cv2.add(image, rng.integers(0, 40, (size, size, 3)).astype(np.uint8))
-    for _ in range(rng.integers(4, 9)):
+    for _ in range(rng.integers(*clutter)):
         colour = tuple(int(c) for c in rng.integers(60, 160, 3))
         centre = tuple(int(c) for c in rng.integers(0, size, 2))
         if rng.random() < 0.5:
@@ -47,10 +48,9 @@ def cluttered_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image
 
 
-def draw_object(image: np.ndarray, shape: str, colour, x1: int, y1: int, side: int,
-                rng: np.random.Generator) -> None:
-    """Draw one object filling the square ``(x1, y1, side)``, its colour jittered a little."""
-    colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in colour)
+def draw_object(image: np.ndarray, shape: str, x1: int, y1: int, side: int, rng: np.random.Generator) -> None:
+    """Draw one object of class ``shape`` filling the square ``(x1, y1, side)`` in a random colour."""
+    colour = object_colour(rng)
     x2, y2 = x1 + side - 1, y1 + side - 1
     cx, cy, r = x1 + side // 2, y1 + side // 2, side // 2
     if shape == "disc":
@@ -87,13 +87,13 @@ def _overlap(a, b) -> float:
 
 def write_classification(root: Path, rng: np.random.Generator, per_class: dict[str, int], size: int) -> None:
     for split, count in per_class.items():
-        for label, (name, (shape, colour)) in enumerate(CLASSES.items()):
+        for label, name in enumerate(CLASS_NAMES):
             folder = root / split / f"{label:02d}_{name}"
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                image = cluttered_background(rng, size)
-                x1, y1, side = place(rng, size, (0.3, 0.6), [])
-                draw_object(image, shape, colour, x1, y1, side, rng)
+                image = cluttered_background(rng, size, (1, 4))
+                x1, y1, side = place(rng, size, (0.5, 0.8), [])
+                draw_object(image, name, x1, y1, side, rng)
                 cv2.imwrite(str(folder / f"{index:05d}.jpg"), image)
 
 
@@ -105,13 +105,13 @@ def write_detection(root: Path, rng: np.random.Generator, per_split: dict[str, i
         for _ in range(count):
             image_id = f"{next_id:06d}"
             next_id += 1
-            image = cluttered_background(rng, size)
+            image = cluttered_background(rng, size, (4, 9))
             objects, taken = [], []
             for _ in range(rng.integers(1, 4)):
                 name = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
                 x1, y1, side = place(rng, size, (0.18, 0.42), taken)
                 taken.append((x1, y1, side))
-                draw_object(image, *CLASSES[name], x1, y1, side, rng)
+                draw_object(image, name, x1, y1, side, rng)
                 objects.append((name, (x1 + 1, y1 + 1, x1 + side, y1 + side), False))  # VOC: 1-based
             cv2.imwrite(image_file(root, image_id), image)
             write_annotation(root, image_id, size, size, objects)
@@ -138,7 +138,7 @@ def main(argv=None) -> Path:
                     args.detection_size)
     # Written last: its presence says the folder is complete (the demo skips the stage then).
     (output / "manifest.json").write_text(json.dumps({"classes": list(CLASS_NAMES), **vars(args)}, indent=2) + "\n")
-    print(f"wrote {output}: {len(CLASSES)} classes; classification {args.train_per_class}/{args.val_per_class} "
+    print(f"wrote {output}: {len(CLASS_NAMES)} classes; classification {args.train_per_class}/{args.val_per_class} "
           f"per class at {args.classification_size} px; detection {args.detection_train}/{args.detection_test} "
           f"images at {args.detection_size} px")
     return output

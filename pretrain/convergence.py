@@ -1,0 +1,69 @@
+"""Did a pretraining run train stably and reach its plateau? A comparison of backbones means
+something only if every arm did: an undertrained arm loses for its schedule, not its method.
+
+Read from a finished run folder (``metrics.json``, ``config.yaml``):
+
+- stable: no training-loss window after the warm-up above the loss of a classifier that has
+  learned nothing (ln of the number of classes: uniform predictions, whatever the soft targets);
+- loss not rising: the mean loss of the last tenth of training at most that of the tenth before;
+- plateaued: validation top-1 error improved by at most ``PLATEAU_POINTS`` over the last fifth of
+  training (the evaluation at or before four fifths against the final one); this needs an
+  evaluation before the last fifth (``TEST.EVAL_PERIOD``).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from pretrain.run_folder import read_config, read_metrics
+
+LAST_FIFTH = 0.8
+PLATEAU_POINTS = 1.0  # percentage points of top-1 error
+
+
+def summarize(run: Path) -> dict:
+    """The figures and verdicts above for one run folder."""
+    cfg = read_config(run)
+    records = read_metrics(run)
+    windows = [record for record in records if "loss" in record]
+    if not windows:
+        raise ValueError(f"{run / 'metrics.json'} has no training-loss lines")
+    per_epoch = windows[-1]["iterations_per_epoch"]
+    total = cfg.SOLVER.EPOCHS * per_epoch
+    warmup = cfg.SOLVER.WARMUP_EPOCHS * per_epoch
+    after_warmup = [w["loss"] for w in windows if w["iteration"] > warmup + cfg.LOG_PERIOD]
+    evaluations = {record["iteration"]: record["top1_error"] for record in records if "top1_error" in record}
+    before_last_fifth = [it for it in evaluations if it <= LAST_FIFTH * total]
+    summary = {
+        "chance_loss": math.log(cfg.MODEL.NUM_CLASSES),
+        "first_loss": windows[0]["loss"],
+        "peak_loss_after_warmup": max(after_warmup) if after_warmup else None,
+        "loss_before_last_tenth": mean_loss(windows, 0.8 * total, 0.9 * total),
+        "final_loss": mean_loss(windows, 0.9 * total, total),
+        "top1_error_at_four_fifths": evaluations[max(before_last_fifth)] if before_last_fifth else None,
+        "final_top1_error": evaluations[max(evaluations)] if evaluations else None,
+        "chance_top1_error": 100.0 * (1 - 1 / cfg.MODEL.NUM_CLASSES),
+    }
+    summary["stable"] = summary["peak_loss_after_warmup"] is None or \
+        summary["peak_loss_after_warmup"] <= summary["chance_loss"]
+    summary["loss_not_rising"] = None in (summary["loss_before_last_tenth"], summary["final_loss"]) or \
+        summary["final_loss"] <= summary["loss_before_last_tenth"]
+    summary["plateaued"] = None if None in (summary["top1_error_at_four_fifths"], summary["final_top1_error"]) \
+        else summary["top1_error_at_four_fifths"] - summary["final_top1_error"] <= PLATEAU_POINTS
+    return summary
+
+
+def mean_loss(windows: list[dict], start: float, end: float) -> float | None:
+    """The mean loss of the logging windows that end in ``(start, end]``."""
+    losses = [w["loss"] for w in windows if start < w["iteration"] <= end]
+    return statistics.mean(losses) if losses else None
+
+
+def verdict(summary: dict) -> str:
+    """One short line: what holds and what does not."""
+    words = ["stable" if summary["stable"] else "loss spiked after warm-up",
+             "loss flat or falling" if summary["loss_not_rising"] else "loss rising at the end"]
+    words.append({True: "plateaued", False: "still improving",
+                  None: "plateau unknown (no evaluation before the last fifth)"}[summary["plateaued"]])
+    return ", ".join(words)

@@ -1,0 +1,82 @@
+"""pretrain.convergence: whether a pretraining run trained stably and reached its plateau, read
+from the records tools/pretrain_net.py leaves (config.yaml, metrics.json lines)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pretrain import convergence
+from pretrain.config import get_cfg
+
+EPOCHS, PER_EPOCH, LOG_PERIOD = 10, 20, 5
+
+
+def write_run(folder, losses, errors, warmup_epochs=1.0, classes=5):
+    """A run folder: one loss window per LOG_PERIOD iterations, one evaluation per epoch."""
+    cfg = get_cfg()
+    cfg.MODEL.NUM_CLASSES = classes
+    cfg.SOLVER.EPOCHS = EPOCHS
+    cfg.SOLVER.WARMUP_EPOCHS = warmup_epochs
+    cfg.LOG_PERIOD = LOG_PERIOD
+    folder.mkdir()
+    (folder / "config.yaml").write_text(cfg.dump())
+    lines = []
+    for index, loss in enumerate(losses):
+        iteration = (index + 1) * LOG_PERIOD
+        lines.append({"iteration": iteration, "loss": loss, "iterations_per_epoch": PER_EPOCH,
+                      "window_iterations": LOG_PERIOD, "window_seconds": 1.0})
+        if iteration % PER_EPOCH == 0:
+            lines.append({"iteration": iteration, "epoch": iteration / PER_EPOCH,
+                          "top1_error": errors[iteration // PER_EPOCH - 1]})
+    (folder / "metrics.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def decaying(start, end, count):
+    return [end + (start - end) * math.exp(-4 * k / count) for k in range(count)]
+
+
+WINDOWS = EPOCHS * PER_EPOCH // LOG_PERIOD
+
+
+def test_a_converged_run_is_stable_flat_and_plateaued(tmp_path):
+    errors = [70, 50, 35, 25, 20, 18, 17, 16.5, 16.5, 16.0]
+    summary = convergence.summarize(write_run(tmp_path / "run", decaying(1.6, 0.3, WINDOWS), errors))
+    assert summary["chance_loss"] == pytest.approx(math.log(5))
+    assert summary["stable"] and summary["loss_not_rising"] and summary["plateaued"]
+    assert summary["top1_error_at_four_fifths"] == 16.5 and summary["final_top1_error"] == 16.0
+    assert convergence.verdict(summary) == "stable, loss flat or falling, plateaued"
+
+
+def test_a_spike_after_warmup_a_rising_loss_and_a_late_improvement_are_named(tmp_path):
+    losses = decaying(1.6, 0.8, WINDOWS)
+    losses[10] = 4.0  # after the 1-epoch warm-up (4 windows)
+    losses[-4:] = [1.2, 1.3, 1.4, 1.5]  # the last tenth above the tenth before
+    errors = [70, 60, 55, 50, 45, 40, 35, 30, 25, 20]
+    summary = convergence.summarize(write_run(tmp_path / "run", losses, errors))
+    assert summary["peak_loss_after_warmup"] == 4.0
+    assert not summary["stable"] and not summary["loss_not_rising"] and not summary["plateaued"]
+    assert convergence.verdict(summary) == "loss spiked after warm-up, loss rising at the end, still improving"
+
+
+def test_a_spike_inside_the_warmup_is_allowed(tmp_path):
+    losses = decaying(1.6, 0.5, WINDOWS)
+    losses[1] = 6.0  # iteration 10, inside the 1-epoch warm-up
+    summary = convergence.summarize(write_run(tmp_path / "run", losses, [50] * EPOCHS))
+    assert summary["stable"] and summary["peak_loss_after_warmup"] < 1.6
+
+
+def test_without_an_evaluation_before_the_last_fifth_the_plateau_is_unknown(tmp_path):
+    folder = write_run(tmp_path / "run", decaying(1.6, 0.5, WINDOWS), [50] * EPOCHS)
+    records = [json.loads(line) for line in (folder / "metrics.json").read_text().splitlines()]
+    kept = [r for r in records if "top1_error" not in r or r["iteration"] == EPOCHS * PER_EPOCH]
+    (folder / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    summary = convergence.summarize(folder)
+    assert summary["plateaued"] is None and "plateau unknown" in convergence.verdict(summary)
+
+
+def test_a_folder_without_records_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        convergence.summarize(tmp_path)
