@@ -161,7 +161,17 @@ class COCOEvaluator:
                 raise FileNotFoundError(f"COCO annotation file {self._json_file} does not exist")
             with printing_to_log():
                 self._ground_truth = COCO(str(self._json_file))
+            self._check_ground_truth()
         return self._ground_truth
+
+    def _check_ground_truth(self) -> None:
+        """What COCOeval reads from every annotation and would otherwise miss with a bare KeyError."""
+        needed = ("area", "segmentation") if "segm" in self._tasks else ("area",)
+        for annotation in self._ground_truth.dataset["annotations"]:
+            missing = [key for key in needed if key not in annotation]
+            if missing:
+                raise ValueError(f"{self._json_file}: annotation {annotation.get('id')!r} has no {' and '.join(missing)}, "
+                                 f"which COCO evaluation ({', '.join(self._tasks)}) needs")
 
 
 def encoded_masks(masks, count: int, image_id: int) -> list[dict]:

@@ -134,6 +134,16 @@ def test_unknown_images_classes_and_missing_masks_are_named(json_file):
         evaluate(json_file.with_name("missing.json"), {11: perfect_output(11)})
 
 
+def test_ground_truth_without_what_cocoeval_reads_is_named(json_file, tmp_path):
+    data = json.loads(json_file.read_text())
+    del data["annotations"][2]["segmentation"]
+    boxes_only = tmp_path / "boxes_only.json"
+    boxes_only.write_text(json.dumps(data))
+    assert evaluate(boxes_only, {11: perfect_output(11)}, tasks=("bbox",))["bbox"]["AP-square"] > 0
+    with pytest.raises(ValueError, match=r"boxes_only.json: annotation 3 has no segmentation"):
+        evaluate(boxes_only, {11: perfect_output(11)})
+
+
 def distributed_worker(rank: int, world_size: int, init_file: str, json_file: str, result_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
