@@ -56,10 +56,10 @@ def resolve(name: str, cfg) -> VOCDataset | COCODataset:
     if transfer.VOC_ROOT and transfer.COCO_ROOT:
         raise ValueError(f"TRANSFER.VOC_ROOT ({transfer.VOC_ROOT}) and TRANSFER.COCO_ROOT ({transfer.COCO_ROOT}) "
                          f"are both set; a config names one set of its own")
-    if transfer.VOC_ROOT and name.startswith(prefix):
+    if is_own_set(name, cfg) and transfer.VOC_ROOT:
         classes = tuple(transfer.CLASS_NAMES) or tuple(VOC_CLASSES)
         return VOCDataset(name, Path(transfer.VOC_ROOT), name[len(prefix):], int(transfer.YEAR), classes)
-    if transfer.COCO_ROOT and name.startswith(prefix):
+    if is_own_set(name, cfg):
         split = name[len(prefix):]
         json_file = Path(transfer.COCO_ROOT) / "annotations" / f"instances_{split}.json"
         classes = tuple(category["name"] for category in coco_categories(json_file))
@@ -77,6 +77,13 @@ def resolve(name: str, cfg) -> VOCDataset | COCODataset:
         "set TRANSFER.VOC_ROOT or TRANSFER.COCO_ROOT and name its splits <TRANSFER.DATASET_NAME>_<split>"
     raise KeyError(f"unknown dataset {name!r}: not a built-in VOC or COCO name (voc_2007_trainval, "
                    f"coco_2017_train, ...); {known}")
+
+
+def is_own_set(name: str, cfg) -> bool:
+    """Whether ``name`` is a split of the config's own set (``TRANSFER.VOC_ROOT`` or
+    ``TRANSFER.COCO_ROOT``) rather than a built-in name Detectron2 registers itself."""
+    transfer = cfg.TRANSFER
+    return bool(transfer.VOC_ROOT or transfer.COCO_ROOT) and name.startswith(f"{transfer.DATASET_NAME}_")
 
 
 def check_class_count(dataset: VOCDataset | COCODataset, cfg) -> VOCDataset | COCODataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pretrain.atomic_file import atomic_write_json
@@ -23,8 +24,18 @@ def write_run_info(output_dir: str | Path, cfg, engine: str) -> dict:
 
 
 def write_eval_results(output_dir: str | Path, results: dict, iteration: int) -> None:
-    """``results`` as the evaluator returns them: ``{"bbox": {"AP", "AP50", "AP75"}, ...}``."""
-    atomic_write_json(Path(output_dir) / EVAL_RESULTS, {"iteration": iteration, **results})
+    """``results`` as the evaluator returns them: ``{"bbox": {"AP", "AP50", "AP75", ...}, ...}``
+    (COCO: also APs, APm, APl, and ``"segm"`` for masks). A metric that cannot be computed (COCO's
+    NaN, e.g. APl without large objects) is written as null: JSON has no NaN."""
+    atomic_write_json(Path(output_dir) / EVAL_RESULTS, _nan_to_null({"iteration": iteration, **results}))
+
+
+def _nan_to_null(value):
+    if isinstance(value, dict):
+        return {key: _nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def read_run(output_dir: str | Path) -> dict:

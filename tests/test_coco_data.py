@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,31 @@ def test_unreadable_json_and_missing_images_name_the_file(tree, tmp_path):
         load_coco_records(path, tree / "train")
     with pytest.raises(FileNotFoundError, match=r"val/000000.jpg \(image 1 of .*instances_val.json\) does not exist"):
         load_coco_records(tree / "annotations" / "instances_val.json", tmp_path / "val")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("unknown image id", "annotation 1 has image_id 999, which no image has"),
+    ("missing json", "instances_train.json does not exist"),
+])
+def test_train_net_names_the_bad_json_before_starting(tree, tmp_path, breakage, message):
+    root = tmp_path / "coco"
+    shutil.copytree(tree, root)
+    json_file = root / "annotations" / "instances_train.json"
+    if breakage == "missing json":
+        json_file.unlink()
+    else:
+        data = json.loads(json_file.read_text())
+        BREAKAGES[breakage][0](data)
+        json_file.write_text(json.dumps(data))
+    run = subprocess.run([sys.executable, str(REPO / "tools/train_net.py"), "--engine", "torchvision",
+                          "--config-file", str(REPO / "configs/detection/coco/mask_rcnn_R50_FPN_1x.yaml"),
+                          "TRANSFER.COCO_ROOT", str(root), "TRANSFER.DATASET_NAME", "tiny",
+                          "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
+                          "MODEL.ROI_HEADS.NUM_CLASSES", "3", "OUTPUT_DIR", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("error: dataset tiny_train: ") and message in run.stderr and str(json_file) in run.stderr
+    assert not (tmp_path / "run").exists()
