@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 BUILTIN_VOC = re.compile(r"^voc_(2007|2012)_(train|val|trainval|test)$")
 # Detectron2's built-in COCO instance names with annotations: (image folder, json) under $DETECTRON2_DATASETS.
@@ -30,6 +31,7 @@ BUILTIN_COCO = {
 
 @dataclass(frozen=True)
 class VOCDataset:
+    kind: ClassVar[str] = "voc"  # how it is scored: VOC mAP
     name: str
     root: Path
     split: str
@@ -39,6 +41,7 @@ class VOCDataset:
 
 @dataclass(frozen=True)
 class COCODataset:
+    kind: ClassVar[str] = "coco"  # how it is scored: COCO box (and mask) AP
     name: str
     json_file: Path
     image_root: Path

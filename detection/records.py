@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from detection.datasets import resolve
 from pretrain.atomic_file import atomic_write_json
 
 RUN_INFO = "run_info.json"
@@ -15,8 +16,11 @@ PROTOCOL_KEYS = ("engine", "train_datasets", "test_datasets", "max_iter", "steps
 
 
 def write_run_info(output_dir: str | Path, cfg, engine: str) -> dict:
+    """How the run was trained, and ``dataset_kind`` ("voc" or "coco"): how the test dataset whose
+    results ``eval_results.json`` holds at its top level (the first) was scored."""
     info = {"method": cfg.TRANSFER.METHOD or "unknown", "weights": cfg.MODEL.WEIGHTS, "engine": engine,
             "train_datasets": list(cfg.DATASETS.TRAIN), "test_datasets": list(cfg.DATASETS.TEST),
+            "dataset_kind": resolve(cfg.DATASETS.TEST[0], cfg).kind,
             "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
             "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR, "seed": cfg.SEED}
     atomic_write_json(Path(output_dir) / RUN_INFO, info)
@@ -50,6 +54,7 @@ def read_run(output_dir: str | Path) -> dict:
             run[key] = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
+    run["info"].setdefault("dataset_kind", "voc")  # runs from before COCO transfer are VOC runs
     if "bbox" not in run["results"] or "AP50" not in run["results"]["bbox"]:
         raise ValueError(f"{folder / EVAL_RESULTS} has no bbox AP50")
     return run

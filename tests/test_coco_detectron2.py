@@ -80,6 +80,7 @@ def test_mask_rcnn_fine_tunes_on_a_coco_format_set_and_reports_box_and_mask_ap(d
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     finished = records.read_run(tmp_path)
     assert finished["info"]["test_datasets"] == ["tiny_val"] and finished["info"]["engine"] == "detectron2"
+    assert finished["info"]["dataset_kind"] == "coco"
     for task in ("bbox", "segm"):
         scores = finished["results"][task]
         assert set(COCO_METRICS) <= set(scores)  # (and AP-<class> when the model predicted anything)

@@ -50,6 +50,7 @@ def assert_finished_run(output: Path, engine: str) -> dict:
     run = records.read_run(output)
     assert run["info"]["engine"] == engine and run["info"]["method"] == "saliencymix"
     assert run["info"]["train_datasets"] == ["tiny_voc_trainval"] and run["info"]["max_iter"] == 3
+    assert run["info"]["dataset_kind"] == "voc"
     for metric in ("AP", "AP50", "AP75"):
         assert 0 <= run["results"]["bbox"][metric] <= 100
     return run
