@@ -170,8 +170,8 @@ class COCOEvaluator:
         for annotation in self._ground_truth.dataset["annotations"]:
             missing = [key for key in needed if key not in annotation]
             if missing:
-                raise ValueError(f"{self._json_file}: annotation {annotation.get('id')!r} has no {' and '.join(missing)}, "
-                                 f"which COCO evaluation ({', '.join(self._tasks)}) needs")
+                raise ValueError(f"{self._json_file}: annotation {annotation.get('id')!r} has no "
+                                 f"{' and '.join(missing)}, which COCO evaluation ({', '.join(self._tasks)}) needs")
 
 
 def encoded_masks(masks, count: int, image_id: int) -> list[dict]:

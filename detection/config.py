@@ -37,6 +37,7 @@ def torchvision_engine_defaults() -> CN:
     cfg.MODEL = CN()
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cuda"
+    cfg.MODEL.MASK_ON = False  # True: Mask R-CNN (a mask head beside the box head)
     cfg.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
     cfg.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
     cfg.MODEL.RESNETS = CN()
