@@ -23,6 +23,7 @@ from detection.coco_evaluation import METRICS, RESULTS_FILE
 from detection.config import get_detection_cfg
 from detection.datasets import VOCDataset
 from detection.torchvision_engine.data import TrainingImages, check_masks, training_records, training_target
+from detection.torchvision_engine.inference import evaluate_model
 from detection.torchvision_engine.model import build_detector, build_model
 from pretrain import checkpoint as ckpt
 from pretrain.export import convert
@@ -178,6 +179,5 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_weights(files, tr
 
 def test_faster_rcnn_on_coco_reports_boxes_only(files, tmp_path):
     cfg = tiny_config(files, tmp_path, FASTER_RCNN)
-    torch.save({"model": build_detector(cfg).state_dict()}, tmp_path / "faster.pth")
-    results = engine.evaluate(cfg, str(tmp_path / "faster.pth"))
+    results = evaluate_model(build_detector(cfg), cfg, torch.device("cpu"))
     assert set(results) == {"bbox"} and set(METRICS) <= set(results["bbox"])
