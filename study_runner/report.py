@@ -4,6 +4,7 @@ whatever the study folder holds so far (a figure not measured yet is missing, ne
 - ImageNet (or CIFAR) top-1 / top-5 error of the finished pretrainings;
 - VOC AP50 / AP / AP75, mean ± std over the finished trials, and the gain over the baseline
   with its 95% Welch interval (the statistics of ``tools/compare.py``);
+- with the COCO stage, COCO box (and mask) AP the same way;
 - top-1 accuracy under FGSM at the configured epsilon;
 - training time per epoch relative to the baseline (the figures of ``tools/cost_report.py``).
 
@@ -50,17 +51,23 @@ def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
             "rows": rows}
 
 
-def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+def transfer_summaries(cfg: CfgNode, transfer: str) -> dict[str, dict]:
+    """``compare_runs``' summary per arm of the finished trials of ``transfer`` (detect, coco)."""
     finished = sorted(result.parent for method in cfg.STUDY.METHODS
-                      for result in (Path(cfg.OUTPUT_DIR) / "detect" / method).glob("trial_*/eval_results.json"))
-    summaries = {}
-    if finished:
-        runs = load_runs(finished)
-        methods_run = sorted({run["info"]["method"] for run in runs})
-        has_baseline = cfg.STUDY.BASELINE in methods_run
-        summaries = compare_runs(runs, cfg.STUDY.BASELINE if has_baseline else methods_run[0])["methods"]
-        if not has_baseline:  # no gain without the baseline's trials
-            summaries = {method: {**summary, "gain": None} for method, summary in summaries.items()}
+                      for result in (Path(cfg.OUTPUT_DIR) / transfer / method).glob("trial_*/eval_results.json"))
+    if not finished:
+        return {}
+    runs = load_runs(finished)
+    methods_run = sorted({run["info"]["method"] for run in runs})
+    has_baseline = cfg.STUDY.BASELINE in methods_run
+    summaries = compare_runs(runs, cfg.STUDY.BASELINE if has_baseline else methods_run[0])["methods"]
+    if not has_baseline:  # no gain without the baseline's trials
+        summaries = {method: {**summary, "gain": None} for method, summary in summaries.items()}
+    return summaries
+
+
+def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+    summaries = transfer_summaries(cfg, "detect")
     baseline_paper = paper and published(paper.voc_ap50, cfg.STUDY.BASELINE)
     rows = []
     for method in cfg.STUDY.METHODS:
@@ -78,6 +85,26 @@ def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
     return {"name": "detection", "title": "VOC detection AP50 (%), mean over trials, higher is better",
             "value": "AP50", "columns": {"trials": "trials", "ap50": "AP50 mean ± std", "ap": "AP", "ap75": "AP75",
                                          "gain": "gain AP50 [95% CI]", "paper_gain": "paper gain"},
+            "rows": rows}
+
+
+def coco_table(cfg: CfgNode) -> dict:
+    """COCO box AP (and mask AP with Mask R-CNN), mean ± std over trials, and the gains; the
+    paper has no COCO figures."""
+    summaries = transfer_summaries(cfg, "coco")
+    rows = []
+    for method in cfg.STUDY.METHODS:
+        summary = summaries.get(method) or {"trials": 0, "mean": {}, "std": {}, "gain": None}
+        means = {metric: format_mean_std(mean, summary["std"][metric]) for metric, mean in summary["mean"].items()}
+        gains = {metric: format_gain(gain) for metric, gain in (summary["gain"] or {}).items()}
+        if method == cfg.STUDY.BASELINE:
+            gains = {"AP": "baseline", "segm_AP": "baseline"}
+        rows.append(row(method, summary["mean"].get("AP"), None, trials=f"{summary['trials']}/{len(cfg.COCO.SEEDS)}",
+                        ap=means.get("AP"), ap50=means.get("AP50"), ap75=means.get("AP75"),
+                        mask_ap=means.get("segm_AP"), gain=gains.get("AP"), mask_gain=gains.get("segm_AP")))
+    return {"name": "coco", "title": "COCO box AP (%), mean over trials, higher is better", "value": "box AP",
+            "columns": {"trials": "trials", "ap": "box AP mean ± std", "ap50": "AP50", "ap75": "AP75",
+                        "mask_ap": "mask AP", "gain": "gain box AP [95% CI]", "mask_gain": "gain mask AP [95% CI]"},
             "rows": rows}
 
 
@@ -128,6 +155,8 @@ def build_report(cfg: CfgNode) -> dict:
     tables = [classification_table(cfg, paper)]
     if cfg.DETECT.ENABLED:
         tables.append(detection_table(cfg, paper))
+    if cfg.COCO.ENABLED:
+        tables.append(coco_table(cfg))
     if cfg.ROBUSTNESS.ENABLED:
         tables.append(robustness_table(cfg, paper))
     if cfg.COST.ENABLED:
