@@ -21,8 +21,9 @@ def add_transfer_config(cfg: CN) -> CN:
     cfg.TRANSFER = type(cfg)()
     cfg.TRANSFER.METHOD = ""  # how MODEL.WEIGHTS was pretrained (none, saliencymix, ...): for tools/compare.py
     cfg.TRANSFER.VOC_ROOT = ""  # a VOC-format tree of your own; empty: Detectron2's built-in VOC names
+    cfg.TRANSFER.COCO_ROOT = ""  # or a COCO-format set: annotations/instances_<split>.json, images in <split>/
     cfg.TRANSFER.DATASET_NAME = "custom_voc"  # its splits are registered as <DATASET_NAME>_<split>
-    cfg.TRANSFER.CLASS_NAMES = []  # its classes; empty: the 20 Pascal VOC classes
+    cfg.TRANSFER.CLASS_NAMES = []  # a VOC tree's classes; empty: the 20 Pascal VOC classes (COCO: the json's)
     cfg.TRANSFER.YEAR = 2007  # its metric: 2007 is VOC's 11-point AP, later years the area
     return cfg
 
@@ -36,6 +37,7 @@ def torchvision_engine_defaults() -> CN:
     cfg.MODEL = CN()
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cuda"
+    cfg.MODEL.MASK_ON = False  # True: Mask R-CNN (a mask head beside the box head)
     cfg.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
     cfg.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
     cfg.MODEL.RESNETS = CN()

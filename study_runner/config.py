@@ -14,7 +14,8 @@ from study_runner.paper import PAPER_TABLES
 PAPER_METHODS = ("none", "cutout", "mixup", "cutmix", "saliencymix")
 # Each kind of stage has its own resources (one SLURM job per stage; the local executor uses
 # GPUS_PER_NODE as --num-gpus).
-STAGE_KINDS = ("pretrain", "export", "robustness", "detect", "report")
+STAGE_KINDS = ("pretrain", "export", "robustness", "detect", "coco", "report")
+TRANSFERS = {"detect": "DETECT", "coco": "COCO"}  # the transfer stages' kinds and their config sections
 ENGINES = ("auto", "detectron2", "torchvision")
 
 
@@ -51,9 +52,15 @@ def get_study_cfg() -> CN:
     cfg.DETECT = CN()
     cfg.DETECT.ENABLED = True
     cfg.DETECT.CONFIG = "configs/detection/faster_rcnn_R50_C4_voc.yaml"
-    cfg.DETECT.ENGINE = "detectron2"  # detectron2 | torchvision | auto (Detectron2 when installed)
+    cfg.DETECT.ENGINE = "detectron2"  # of every transfer (VOC and COCO): detectron2 | torchvision | auto (Detectron2 when installed)
     cfg.DETECT.SEEDS = [0, 1, 2, 3, 4]  # one trial per seed
     cfg.DETECT.OPTS = []  # KEY VALUE overrides for every fine-tuning
+
+    cfg.COCO = CN()  # the optional COCO transfer, beside VOC: same backbones, same engine
+    cfg.COCO.ENABLED = False
+    cfg.COCO.CONFIG = "configs/detection/coco/mask_rcnn_R50_FPN_1x.yaml"
+    cfg.COCO.SEEDS = [0]  # one trial per seed
+    cfg.COCO.OPTS = []  # KEY VALUE overrides for every fine-tuning
 
     cfg.ROBUSTNESS = CN()
     cfg.ROBUSTNESS.ENABLED = True
@@ -67,6 +74,7 @@ def get_study_cfg() -> CN:
     cfg.RESOURCES.EXPORT = resources(1, 0, 4, 32, 30)
     cfg.RESOURCES.ROBUSTNESS = resources(1, 1, 10, 64, 4 * 60)
     cfg.RESOURCES.DETECT = resources(1, 8, 64, 480, 12 * 60)
+    cfg.RESOURCES.COCO = resources(1, 8, 64, 480, 24 * 60)
     cfg.RESOURCES.REPORT = resources(1, 0, 2, 8, 30)  # the comparison, the cost report, the study report
     return cfg
 
@@ -84,7 +92,7 @@ def load_study_cfg(config_file: str | Path, opts: list[str]) -> CN:
         raise StudyConfigError(str(error)) from None
     check(cfg)
     cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR).resolve())
-    for key, template in (("PRETRAIN", cfg.PRETRAIN.CONFIG), ("DETECT", cfg.DETECT.CONFIG)):
+    for key, template in (("PRETRAIN", cfg.PRETRAIN.CONFIG), ("DETECT", cfg.DETECT.CONFIG), ("COCO", cfg.COCO.CONFIG)):
         cfg[key].CONFIG = str(Path(template).resolve())
     if cfg.PRETRAIN.DATA_ROOT:
         cfg.PRETRAIN.DATA_ROOT = str(Path(cfg.PRETRAIN.DATA_ROOT).resolve())
@@ -113,14 +121,15 @@ def check(cfg: CN) -> None:
         config = Path(cfg.PRETRAIN.CONFIG.format(method=method))
         if not config.is_file():
             raise StudyConfigError(f"PRETRAIN.CONFIG: {config} (arm {method!r}) does not exist")
-    if cfg.DETECT.ENABLED:
-        if not Path(cfg.DETECT.CONFIG).is_file():
-            raise StudyConfigError(f"DETECT.CONFIG: {cfg.DETECT.CONFIG} does not exist")
-        if cfg.DETECT.ENGINE not in ENGINES:
-            raise StudyConfigError(f"DETECT.ENGINE {cfg.DETECT.ENGINE!r} is unknown; choose one of {ENGINES}")
-        if not cfg.DETECT.SEEDS:
-            raise StudyConfigError("DETECT.SEEDS is empty: give one seed per trial, or DETECT.ENABLED False")
-    for key in ("PRETRAIN.OPTS", "DETECT.OPTS"):
+    for section in TRANSFERS.values():
+        if cfg[section].ENABLED:
+            if not Path(cfg[section].CONFIG).is_file():
+                raise StudyConfigError(f"{section}.CONFIG: {cfg[section].CONFIG} does not exist")
+            if not cfg[section].SEEDS:
+                raise StudyConfigError(f"{section}.SEEDS is empty: give one seed per trial, or {section}.ENABLED False")
+    if cfg.DETECT.ENGINE not in ENGINES:
+        raise StudyConfigError(f"DETECT.ENGINE {cfg.DETECT.ENGINE!r} is unknown; choose one of {ENGINES}")
+    for key in ("PRETRAIN.OPTS", "DETECT.OPTS", "COCO.OPTS"):
         section, name = key.split(".")
         if len(cfg[section][name]) % 2:
             raise StudyConfigError(f"{key} must hold KEY VALUE pairs, got {list(cfg[section][name])}")

@@ -6,6 +6,7 @@ whatever the study folder holds so far (a figure not measured yet is missing, ne
 - VOC AP50 / AP / AP75, mean ± std over the finished trials, and the gain over the baseline
   with its 95% Welch interval (the statistics of ``tools/compare.py``), beside the top-1 error of
   the backbone that was transferred;
+- with the COCO stage, COCO box (and mask) AP the same way;
 - top-1 accuracy under FGSM at the configured epsilon;
 - training time per epoch relative to the baseline (the figures of ``tools/cost_report.py``).
 
@@ -68,28 +69,38 @@ def training_health(run: Path) -> dict:
         return {}
 
 
-def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+def backbone_error(cfg: CfgNode, method: str) -> float | None:
+    """The top-1 error of the backbone an arm transfers, to read beside its detector's AP."""
+    return (final_evaluation(pretrain_dir(cfg, method)) or {}).get("top1_error")
+
+
+def transfer_summaries(cfg: CfgNode, transfer: str) -> dict[str, dict]:
+    """``compare_runs``' summary per arm of the finished trials of ``transfer`` (detect, coco)."""
     finished = sorted(result.parent for method in cfg.STUDY.METHODS
-                      for result in (Path(cfg.OUTPUT_DIR) / "detect" / method).glob("trial_*/eval_results.json"))
-    summaries = {}
-    if finished:
-        runs = load_runs(finished)
-        methods_run = sorted({run["info"]["method"] for run in runs})
-        has_baseline = cfg.STUDY.BASELINE in methods_run
-        summaries = compare_runs(runs, cfg.STUDY.BASELINE if has_baseline else methods_run[0])["methods"]
-        if not has_baseline:  # no gain without the baseline's trials
-            summaries = {method: {**summary, "gain": None} for method, summary in summaries.items()}
+                      for result in (Path(cfg.OUTPUT_DIR) / transfer / method).glob("trial_*/eval_results.json"))
+    if not finished:
+        return {}
+    runs = load_runs(finished)
+    methods_run = sorted({run["info"]["method"] for run in runs})
+    has_baseline = cfg.STUDY.BASELINE in methods_run
+    summaries = compare_runs(runs, cfg.STUDY.BASELINE if has_baseline else methods_run[0])["methods"]
+    if not has_baseline:  # no gain without the baseline's trials
+        summaries = {method: {**summary, "gain": None} for method, summary in summaries.items()}
+    return summaries
+
+
+def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
+    summaries = transfer_summaries(cfg, "detect")
     baseline_paper = paper and published(paper.voc_ap50, cfg.STUDY.BASELINE)
     rows = []
     for method in cfg.STUDY.METHODS:
         summary = summaries.get(method)
-        backbone = final_evaluation(pretrain_dir(cfg, method)) or {}
         paper_value = paper and published(paper.voc_ap50, method)
         gain = summary["gain"]["AP50"] if summary and summary["gain"] else None
         rows.append(row(
             method, summary and summary["mean"]["AP50"], paper_value,
             trials=f"{summary['trials'] if summary else 0}/{len(cfg.DETECT.SEEDS)}",
-            backbone_top1=backbone.get("top1_error"),
+            backbone_top1=backbone_error(cfg, method),
             ap50=summary and format_mean_std(summary["mean"]["AP50"], summary["std"]["AP50"]),
             ap=summary and format_mean_std(summary["mean"]["AP"], summary["std"]["AP"]),
             ap75=summary and format_mean_std(summary["mean"]["AP75"], summary["std"]["AP75"]),
@@ -99,6 +110,27 @@ def detection_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
             "value": "AP50", "columns": {"trials": "trials", "backbone_top1": "backbone top-1 error",
                                          "ap50": "AP50 mean ± std", "ap": "AP", "ap75": "AP75",
                                          "gain": "gain AP50 [95% CI]", "paper_gain": "paper gain"},
+            "rows": rows}
+
+
+def coco_table(cfg: CfgNode) -> dict:
+    """COCO box AP (and mask AP with Mask R-CNN), mean ± std over trials, and the gains; the
+    paper has no COCO figures."""
+    summaries = transfer_summaries(cfg, "coco")
+    rows = []
+    for method in cfg.STUDY.METHODS:
+        summary = summaries.get(method) or {"trials": 0, "mean": {}, "std": {}, "gain": None}
+        means = {metric: format_mean_std(mean, summary["std"][metric]) for metric, mean in summary["mean"].items()}
+        gains = {metric: format_gain(gain) for metric, gain in (summary["gain"] or {}).items()}
+        if method == cfg.STUDY.BASELINE:
+            gains = {"AP": "baseline", "segm_AP": "baseline"}
+        rows.append(row(method, summary["mean"].get("AP"), None, trials=f"{summary['trials']}/{len(cfg.COCO.SEEDS)}",
+                        backbone_top1=backbone_error(cfg, method),
+                        ap=means.get("AP"), ap50=means.get("AP50"), ap75=means.get("AP75"),
+                        mask_ap=means.get("segm_AP"), gain=gains.get("AP"), mask_gain=gains.get("segm_AP")))
+    return {"name": "coco", "title": "COCO box AP (%), mean over trials, higher is better", "value": "box AP",
+            "columns": {"trials": "trials", "backbone_top1": "backbone top-1 error", "ap": "box AP mean ± std", "ap50": "AP50", "ap75": "AP75",
+                        "mask_ap": "mask AP", "gain": "gain box AP [95% CI]", "mask_gain": "gain mask AP [95% CI]"},
             "rows": rows}
 
 
@@ -153,6 +185,8 @@ def build_report(cfg: CfgNode) -> dict:
         tables.append(cost_table_rows(cfg, paper))
     if cfg.DETECT.ENABLED:  # last: what was transferred, each backbone's error beside its detector's AP
         tables.append(detection_table(cfg, paper))
+    if cfg.COCO.ENABLED:
+        tables.append(coco_table(cfg))
     return {"study": cfg.OUTPUT_DIR, "note": cfg.STUDY.NOTE, "paper": paper.title if paper else None,
             "baseline": cfg.STUDY.BASELINE, "tables": tables}
 

@@ -2,12 +2,14 @@
 in an order where every stage comes after the stages it needs:
 
     pretrain(arm) -> export(arm) -> detect(arm, trial) ... -> compare
+                                 -> coco(arm, trial) ... -> compare.coco   (optional: COCO.ENABLED)
                   -> robustness(arm)
     pretrain(every arm) -> cost;  everything -> report
 
 The study folder holds ``pretrain/<arm>/`` (the run, its exported backbone and FGSM result),
-``detect/<arm>/trial_<k>/``, the comparison and cost files, the study report, ``stages/`` (one
-record per stage) and ``logs/`` (one log per stage).
+``detect/<arm>/trial_<k>/`` (VOC), ``coco/<arm>/trial_<k>/`` and ``coco/comparison.*`` (COCO),
+the comparison and cost files, the study report, ``stages/`` (one record per stage) and
+``logs/`` (one log per stage).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fvcore.common.config import CfgNode
+
+from study_runner.config import TRANSFERS
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -64,8 +68,15 @@ def pretrain_dir(cfg: CfgNode, method: str) -> Path:
     return Path(cfg.OUTPUT_DIR) / "pretrain" / method
 
 
-def trial_dir(cfg: CfgNode, method: str, trial: int) -> Path:
-    return Path(cfg.OUTPUT_DIR) / "detect" / method / f"trial_{trial}"
+def trial_dir(cfg: CfgNode, method: str, trial: int, transfer: str = "detect") -> Path:
+    """A fine-tuning's run folder; ``transfer``: one of ``TRANSFERS`` (VOC's detect, coco)."""
+    return Path(cfg.OUTPUT_DIR) / transfer / method / f"trial_{trial}"
+
+
+def comparison_dir(cfg: CfgNode, transfer: str) -> Path:
+    """Where a transfer's ``tools/compare.py`` report goes: VOC's in the study folder, COCO's in ``coco/``."""
+    output = Path(cfg.OUTPUT_DIR)
+    return output if transfer == "detect" else output / transfer
 
 
 def backbone_path(cfg: CfgNode, method: str, engine: str) -> Path:
@@ -79,10 +90,12 @@ def fgsm_result(cfg: CfgNode, method: str) -> Path:
 
 def build_stages(cfg: CfgNode, cuda: bool) -> list[Stage]:
     """Every stage of the study in a runnable order. ``cuda``: whether the stages will find GPUs
-    (the detection tools are told to use the CPU otherwise)."""
+    where their kind asks for some (``RESOURCES.<KIND>.GPUS_PER_NODE``); the detection tools are
+    told to use the CPU otherwise."""
     output = Path(cfg.OUTPUT_DIR)
     engine = detection_engine(cfg)
     methods = list(cfg.STUDY.METHODS)
+    transfers = {transfer: section for transfer, section in TRANSFERS.items() if cfg[section].ENABLED}
     stages: list[Stage] = []
 
     def gpus(kind: str) -> list[str]:
@@ -102,29 +115,31 @@ def build_stages(cfg: CfgNode, cuda: bool) -> list[Stage]:
                 tool("eval_robustness.py", "--config-file", run / "config.yaml", *gpus("robustness"),
                      "--epsilon", f"{cfg.ROBUSTNESS.EPSILON:g}", "MODEL.WEIGHTS", run / "model_final.pth"),
                 fgsm_result(cfg, method), needs=(f"pretrain.{method}",), distributed=True))
-        if not cfg.DETECT.ENABLED:
+        if not transfers:
             continue
         weights = backbone_path(cfg, method, engine)
         export_format = [] if engine == "detectron2" else ["--format", "torchvision"]
         stages.append(Stage(f"export.{method}", "export",
                             tool("convert_to_d2.py", run / "model_final.pth", weights, *export_format),
                             weights, needs=(f"pretrain.{method}",)))
-        device = [] if cuda else ["MODEL.DEVICE", "cpu"]
-        for trial, seed in enumerate(cfg.DETECT.SEEDS):
-            folder = trial_dir(cfg, method, trial)
-            stages.append(Stage(
-                f"detect.{method}.{trial}", "detect",
-                tool("train_net.py", "--config-file", cfg.DETECT.CONFIG, "--engine", engine, *gpus("detect"),
-                     *cfg.DETECT.OPTS, "MODEL.WEIGHTS", weights, "TRANSFER.METHOD", method,
-                     "OUTPUT_DIR", folder, "SEED", seed, *device),
-                folder / "eval_results.json", needs=(f"export.{method}",), run_dir=folder, distributed=True))
+        for transfer, section in transfers.items():
+            on_gpu = cuda and cfg.RESOURCES[transfer.upper()].GPUS_PER_NODE > 0
+            for trial, seed in enumerate(cfg[section].SEEDS):
+                folder = trial_dir(cfg, method, trial, transfer)
+                stages.append(Stage(
+                    f"{transfer}.{method}.{trial}", transfer,
+                    tool("train_net.py", "--config-file", cfg[section].CONFIG, "--engine", engine, *gpus(transfer),
+                         *cfg[section].OPTS, "MODEL.WEIGHTS", weights, "TRANSFER.METHOD", method,
+                         "OUTPUT_DIR", folder, "SEED", seed, *([] if on_gpu else ["MODEL.DEVICE", "cpu"])),
+                    folder / "eval_results.json", needs=(f"export.{method}",), run_dir=folder, distributed=True))
 
-    if cfg.DETECT.ENABLED:
-        stages.append(Stage("compare", "report",
-                            tool("compare.py", *(output / "detect" / m for m in methods),
-                                 "--baseline", cfg.STUDY.BASELINE, "--output", output),
-                            output / "comparison.json",
-                            needs=tuple(s.name for s in stages if s.kind == "detect")))
+    for transfer in transfers:
+        folder = comparison_dir(cfg, transfer)
+        stages.append(Stage("compare" if transfer == "detect" else f"compare.{transfer}", "report",
+                            tool("compare.py", *(output / transfer / m for m in methods),
+                                 "--baseline", cfg.STUDY.BASELINE, "--output", folder),
+                            folder / "comparison.json",
+                            needs=tuple(s.name for s in stages if s.kind == transfer)))
     if cfg.COST.ENABLED:
         stages.append(Stage("cost", "report",
                             tool("cost_report.py", *(pretrain_dir(cfg, m) for m in methods),

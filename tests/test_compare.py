@@ -290,3 +290,81 @@ def test_cli_errors_name_the_folder_and_the_methods(runs_root, tmp_path):
     result = run_cli(runs_root / "saliencymix")
     assert result.returncode == 2  # bad input: one error line, exit status 2
     assert "available methods: saliencymix" in result.stderr
+
+
+# ------------------------------------------------------------------------- COCO beside VOC
+
+# COCO runs (box and mask AP), means by hand: box AP 38.2 / 39.1, mask AP 34.6 / 35.1.
+COCO_SCORES = {"none": [(38.0, 34.5), (38.4, 34.7)], "saliencymix": [(39.0, 35.0), (39.2, 35.2)]}
+COCO_PROTOCOL = {"train_datasets": ["coco_2017_train"], "test_datasets": ["coco_2017_val"], "max_iter": 90000,
+                 "steps": [60000, 80000], "dataset_kind": "coco"}
+
+
+def make_coco_run(folder: Path, method: str, box_ap: float, mask_ap: float | None, seed: int = 0) -> Path:
+    """A COCO run folder: APl is null (no large objects), the other metrics offsets of AP."""
+    make_run(folder, method, (box_ap, box_ap + 20, box_ap + 3), seed=seed, **COCO_PROTOCOL)
+    def task(ap):
+        return {"AP": ap, "AP50": ap + 20, "AP75": ap + 3, "APs": ap - 15, "APm": ap + 2, "APl": None,
+                "AP-shape": ap}
+    results = {"iteration": 89999, "bbox": task(box_ap), **({"segm": task(mask_ap)} if mask_ap is not None else {})}
+    (folder / EVAL_RESULTS).write_text(json.dumps(results))
+    return folder
+
+
+@pytest.fixture
+def coco_root(runs_root) -> Path:
+    """``runs_root`` (VOC) with ``coco/<method>/trial_<i>`` beside it."""
+    for method, trials in COCO_SCORES.items():
+        for seed, (box_ap, mask_ap) in enumerate(trials):
+            make_coco_run(runs_root / "coco" / method / f"trial_{seed}", method, box_ap, mask_ap, seed=seed)
+    return runs_root
+
+
+def test_coco_report_has_box_and_mask_metrics_each_with_its_gain(coco_root):
+    report = compare_runs(load_runs([coco_root / "coco"]))
+    assert report["dataset_kind"] == "coco" and report["test_datasets"] == ["coco_2017_val"]
+    # APl is null in every run: not a metric of this group; the rest, boxes and masks, are.
+    assert report["metrics"] == ["AP", "AP50", "AP75", "APs", "APm", "segm_AP", "segm_AP50", "segm_AP75",
+                                 "segm_APs", "segm_APm"]
+    saliencymix = report["methods"]["saliencymix"]
+    assert saliencymix["mean"]["AP"] == pytest.approx(39.1) and saliencymix["mean"]["segm_AP"] == pytest.approx(35.1)
+    assert saliencymix["gain"]["AP"]["gain"] == pytest.approx(0.9)
+    assert saliencymix["gain"]["segm_APs"]["gain"] == pytest.approx(0.5)
+    half_width = t_quantile(0.975, 2) * math.sqrt(0.02 / 2 + 0.02 / 2)  # both variances 0.02, two trials each
+    assert (saliencymix["gain"]["segm_AP"]["low"], saliencymix["gain"]["segm_AP"]["high"]) == pytest.approx(
+        (0.5 - half_width, 0.5 + half_width))
+    assert not [warning for warning in report["warnings"] if "not a number" in warning]
+    tables = format_table(report).split("\n\n")
+    assert len(tables) == 4  # three metrics per table
+    assert tables[0].splitlines()[0].split()[:8] == ["method", "trials", "AP", "AP50", "AP75", "gain", "AP", "[95%"]
+    assert tables[3].splitlines()[0].split()[2:4] == ["segm_APs", "segm_APm"]
+
+
+def test_a_metric_only_some_runs_have_is_left_out_with_a_warning(tmp_path):
+    runs = [make_coco_run(tmp_path / "none", "none", 38.0, 34.5),
+            make_coco_run(tmp_path / "box_only", "saliencymix", 39.0, None)]
+    report = compare_runs(load_runs(runs))
+    assert report["metrics"] == ["AP", "AP50", "AP75", "APs", "APm"]
+    assert f"segm_AP is not a number in {tmp_path / 'box_only'}: left out of the comparison" in report["warnings"]
+
+
+def test_voc_and_coco_runs_are_never_compared_together(coco_root, tmp_path):
+    with pytest.raises(ValueError, match=r"runs tested on different datasets \(coco_2017_val, voc_2007_test\) do not compare"):
+        compare_runs(load_runs([coco_root]))
+    voc_named = make_run(tmp_path / "voc_named", "none", (1.0, 2.0, 3.0), test_datasets=["coco_2017_val"])
+    with pytest.raises(ValueError, match=f"coco_2017_val were scored differently: coco in .*; voc in {voc_named}"):
+        compare_runs(load_runs([coco_root / "coco", voc_named]))
+
+
+def test_cli_prints_and_writes_one_report_per_test_dataset(coco_root, tmp_path):
+    result = run_cli(coco_root, "--output", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    assert "\nvoc_2007_test (VOC metrics)\n" in result.stdout and "\ncoco_2017_val (COCO metrics)\n" in result.stdout
+    voc = json.loads((tmp_path / "report" / "comparison_voc_2007_test.json").read_text())
+    coco = json.loads((tmp_path / "report" / "comparison_coco_2017_val.json").read_text())
+    assert voc["metrics"] == ["AP", "AP50", "AP75"] and voc["methods"]["saliencymix"]["trials"] == 3
+    assert coco["dataset_kind"] == "coco" and set(coco["methods"]) == {"none", "saliencymix"}
+    rows = {row["method"]: row for row in csv.DictReader((tmp_path / "report" / "comparison_coco_2017_val.csv").open())}
+    assert float(rows["saliencymix"]["gain_segm_AP"]) == pytest.approx(0.5)
+    assert (tmp_path / "report" / "comparison_coco_2017_val.png").is_file()
+    assert not (tmp_path / "report" / "comparison.json").exists()

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from detection import records as detection_records
+from detection.coco import load_coco_records
+from detection.voc import load_voc_split
+from pretrain.export import convert
 from study_runner.config import load_study_cfg
 from study_runner.report import MISSING, write_report
-from tiny_study import REPO, explain, make_data, run_study, study_command, write_config
+from tiny_study import DETECT_OPTS, REPO, explain, make_data, run_study, study_command, write_config
 
 METHODS = ("none", "saliencymix")
 
@@ -191,3 +195,56 @@ def test_the_study_runs_with_detectron2_when_installed(data, tmp_path):
         assert (tmp_path / "output" / "pretrain" / method / "backbone.pkl").is_file()
         run = detection_records.read_run(tmp_path / "output" / "detect" / method / "trial_0")
         assert run["info"]["engine"] == "detectron2"
+
+
+
+
+def test_the_optional_coco_stage_fine_tunes_every_arm_and_reports_box_and_mask_ap(data, tmp_path):
+    """COCO alone (no VOC, FGSM or cost stages) on the demo data's COCO-format copy, from
+    randomly initialised ResNet-50s put where the pretraining and export stages leave theirs
+    (so those stages are done already)."""
+    output = tmp_path / "output"
+    for seed, method in enumerate(METHODS):
+        folder = output / "pretrain" / method
+        folder.mkdir(parents=True)
+        torch.manual_seed(seed)
+        torch.save({"model": torchvision.models.resnet50().state_dict()}, folder / "model_final.pth")
+        convert(folder / "model_final.pth", folder / "backbone.pth", fmt="torchvision")
+    # One iteration, every detection kept: the scores are low, but there must be detections to score.
+    coco_opts = ["TRANSFER.COCO_ROOT", str(data / "detection_coco"), *DETECT_OPTS, "SOLVER.MAX_ITER", "1",
+                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    config = write_config(tmp_path / "study.yaml", data, output, DETECT={"ENABLED": False},
+                          ROBUSTNESS={"ENABLED": False}, COST={"ENABLED": False},
+                          COCO={"ENABLED": True, "OPTS": coco_opts})
+    result = run_study(config)
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.count("done already") == 4  # the pretrainings and exports put in place
+    for method in METHODS:
+        run = detection_records.read_run(output / "coco" / method / "trial_0")
+        assert run["info"]["dataset_kind"] == "coco" and run["info"]["method"] == method
+        assert run["info"]["test_datasets"] == ["demo_coco_test"] and "segm" in run["results"]
+    comparison = json.loads((output / "coco" / "comparison.json").read_text())
+    assert comparison["dataset_kind"] == "coco" and {"AP", "segm_AP"} <= set(comparison["metrics"])
+    assert "compare.coco" in result.stdout and not (output / "comparison.json").exists()
+    report = json.loads((output / "study_report.json").read_text())
+    coco = next(table for table in report["tables"] if table["name"] == "coco")
+    saliencymix = next(row for row in coco["rows"] if row["method"] == "saliencymix")
+    assert saliencymix["ours"] == comparison["methods"]["saliencymix"]["mean"]["AP"]
+    assert saliencymix["mask_ap"] and saliencymix["gain"].endswith("[n/a]")  # one trial: no interval
+    assert "## COCO box AP (%)" in (output / "study_report.md").read_text()
+
+
+def test_the_demo_data_holds_the_detection_set_in_coco_format_too(data):
+    """The same images, classes and boxes as the VOC tree, each object with its polygon mask."""
+    classes = json.loads((data / "manifest.json").read_text())["classes"]
+    for split in ("trainval", "test"):
+        voc = load_voc_split(data / "detection", split, classes)
+        coco = load_coco_records(data / "detection_coco" / "annotations" / f"instances_{split}.json",
+                                 data / "detection_coco" / split)
+        assert [Path(record["file_name"]).name for record in coco] == [Path(record["file_name"]).name for record in voc]
+        for voc_record, coco_record in zip(voc, coco):
+            assert Path(coco_record["file_name"]).read_bytes() == Path(voc_record["file_name"]).read_bytes()
+            assert [a["category_id"] for a in coco_record["annotations"]] == [a["category_id"] for a in voc_record["annotations"]]
+            for voc_object, coco_object in zip(voc_record["annotations"], coco_record["annotations"]):
+                assert coco_object["bbox"] == pytest.approx(voc_object["bbox"], abs=1.0)  # the outline's bounds
+                assert len(coco_object["segmentation"]) == 1

@@ -16,7 +16,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detection import torchvision_engine as engine
 from detection.config import get_detection_cfg
-from detection.torchvision_engine.data import (TrainingSampler, VOCTrainingImages, read_image, training_records,
+from detection.torchvision_engine.data import (TrainingImages, TrainingSampler, read_image, training_records,
                                               training_target)
 from detection.torchvision_engine.model import build_detector, build_model, load_backbone, pixel_statistics
 from detection.torchvision_engine.solver import build_optimizer, lr_multiplier
@@ -144,7 +144,7 @@ def test_training_targets_keep_difficult_objects_and_mirror_boxes(files):
     width = record["width"]
     assert torch.equal(flipped["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor(
         [width, 0, width, 0]), plain["boxes"])
-    image, target = VOCTrainingImages([record])[0, True]
+    image, target = TrainingImages([record])[0, True]
     assert image.shape == (3, record["height"], width) and 0 <= image.min() and image.max() <= 1
     assert torch.equal(image, read_image(record).flip(-1)) and torch.equal(target["boxes"], flipped["boxes"])
 

@@ -50,6 +50,7 @@ def assert_finished_run(output: Path, engine: str) -> dict:
     run = records.read_run(output)
     assert run["info"]["engine"] == engine and run["info"]["method"] == "saliencymix"
     assert run["info"]["train_datasets"] == ["tiny_voc_trainval"] and run["info"]["max_iter"] == 3
+    assert run["info"]["dataset_kind"] == "voc"
     for metric in ("AP", "AP50", "AP75"):
         assert 0 <= run["results"]["bbox"][metric] <= 100
     return run
@@ -119,8 +120,8 @@ def test_class_count_mismatch_is_named(exported, tmp_path):
 
 def test_unknown_dataset_name_is_named(exported, tmp_path):
     run = train_net("--engine", "torchvision", "--config-file", str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"),
-                    *overrides(exported["voc"], tmp_path, exported["pth"]), "DATASETS.TEST", "('coco_2017_val',)")
-    assert run.returncode != 0 and "unknown dataset 'coco_2017_val'" in run.stderr
+                    *overrides(exported["voc"], tmp_path, exported["pth"]), "DATASETS.TEST", "('lvis_v1_val',)")
+    assert run.returncode != 0 and "unknown dataset 'lvis_v1_val'" in run.stderr
 
 
 @pytest.mark.parametrize("engine", ["detectron2", "torchvision"])

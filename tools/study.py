@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The whole study in one command: pretrain every arm, export each backbone, fine-tune each on
-VOC for every seed, attack each classifier with FGSM, compare the detectors, time the training,
-and write one report that sets every figure beside the paper's.
+VOC (and, with COCO.ENABLED, on COCO) for every seed, attack each classifier with FGSM, compare
+the detectors, time the training, and write one report that sets every figure beside the paper's.
 
     python tools/study.py --config-file configs/study/paper_r50_voc.yaml --executor slurm
     python tools/study.py --config-file configs/study/paper_r50_voc.yaml --dry-run     # stages, commands, jobs
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 from study_runner import records
-from study_runner.config import STAGE_KINDS, StudyConfigError, load_study_cfg
+from study_runner.config import STAGE_KINDS, TRANSFERS, StudyConfigError, load_study_cfg
 from study_runner.local import StudyBusy, run_local
 from study_runner.report import REPORT_MARKDOWN, format_markdown, write_report
 from study_runner.slurm import SlurmUnavailable, describe, job_parameters, live_jobs, submit_study, wait_for
@@ -54,16 +54,21 @@ def check_executor(cfg, executor: str, dry_run: bool) -> None:
             if nodes > 1:
                 raise StudyConfigError(f"RESOURCES.{kind.upper()}.NODES is {nodes}, but the local executor runs "
                                        "on this machine only: use --executor slurm, or set it to 1")
-    if (not dry_run and cfg.DETECT.ENABLED and detection_engine(cfg) == "detectron2"
+    if (not dry_run and transfers_enabled(cfg) and detection_engine(cfg) == "detectron2"
             and importlib.util.find_spec("detectron2") is None):
         raise StudyConfigError("DETECT.ENGINE is detectron2, but Detectron2 is not installed (README: "
                                "Detectron2); or set DETECT.ENGINE torchvision")
 
 
+def transfers_enabled(cfg) -> bool:
+    return any(cfg[section].ENABLED for section in TRANSFERS.values())
+
+
 def stages_for(cfg, executor: str):
-    """The stages, told whether they will find GPUs: here (local), or on the nodes (slurm)."""
+    """The stages, told whether they will find GPUs: here (local), or on the nodes (slurm: where
+    their kind's resources ask for some)."""
     if executor == "slurm":
-        cuda = cfg.RESOURCES.DETECT.GPUS_PER_NODE > 0
+        cuda = True
     else:
         import torch
 
@@ -73,7 +78,7 @@ def stages_for(cfg, executor: str):
 
 def dry_run(cfg, stages, executor: str) -> None:
     print(f"study {cfg.OUTPUT_DIR}: {len(stages)} stages, executor {executor}, "
-          f"detection engine {detection_engine(cfg) if cfg.DETECT.ENABLED else '-'}")
+          f"detection engine {detection_engine(cfg) if transfers_enabled(cfg) else '-'}")
     for index, stage in enumerate(stages, 1):
         needs = f" (after {', '.join(stage.needs)})" if stage.needs else ""
         state = "done" if stage.done.exists() and not stage.always else "to run"

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Fine-tune Faster R-CNN on Pascal VOC from an exported ImageNet backbone and evaluate VOC mAP.
+"""Fine-tune Faster R-CNN on Pascal VOC (VOC mAP), or Faster / Mask R-CNN on COCO (COCO box and
+mask AP), from an exported ImageNet backbone.
 
     python tools/train_net.py --config-file configs/detection/faster_rcnn_R50_C4_voc.yaml --num-gpus 8 \\
         MODEL.WEIGHTS r50_saliencymix.pkl TRANSFER.METHOD saliencymix
     python tools/train_net.py ... --trials 5          # seeds SEED, SEED+1, ... into OUTPUT_DIR/trial_<k>
     python tools/train_net.py ... --eval-only MODEL.WEIGHTS OUTPUT_DIR/model_final.pth
     python tools/train_net.py ... --engine torchvision MODEL.WEIGHTS r50_saliencymix.pth
+    python tools/train_net.py --config-file configs/detection/coco/mask_rcnn_R50_FPN_1x.yaml ...
     torchrun --nproc-per-node 8 tools/train_net.py ...      # or srun with one task per GPU
 
 Detectron2 is used when it is installed; otherwise (or with ``--engine torchvision``) torchvision's
@@ -28,7 +30,8 @@ import torch
 
 from detection import records
 from detection.config import ENGINES, get_detection_cfg
-from detection.datasets import check_class_count, resolve
+from detection.coco import load_coco_records
+from detection.datasets import VOCDataset, check_class_count, is_own_set, resolve
 from pretrain import checkpoint as ckpt
 from pretrain.cli import UsageError, check_file, check_launch, merge_config, reports_usage_errors
 from pretrain.data import world
@@ -79,15 +82,15 @@ def setup_trials(args) -> list:
 
 
 def check_run(cfg, world_size: int) -> None:
-    """The datasets (their split files and class count), the weights and the device."""
+    """The datasets (their files and class count), the weights and the device."""
     for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
         try:
             dataset = resolve(name, cfg)
         except KeyError as error:
             raise UsageError(str(error).strip("'\"")) from None
-        split_file = dataset.root / "ImageSets" / "Main" / f"{dataset.split}.txt"
-        if not split_file.is_file():
-            raise UsageError(f"dataset {name}: {split_file} does not exist (TRANSFER.VOC_ROOT or $DETECTRON2_DATASETS)")
+        except (FileNotFoundError, ValueError) as error:  # a COCO_ROOT json's categories
+            raise UsageError(f"dataset {name}: {error}") from None
+        check_dataset_files(dataset, cfg)
         try:
             check_class_count(dataset, cfg)
         except ValueError as error:
@@ -97,6 +100,25 @@ def check_run(cfg, world_size: int) -> None:
     if world_size > 1 and torch.device(cfg.MODEL.DEVICE).index is not None:
         raise UsageError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}, which puts all {world_size} processes on one GPU; "
                          f"use MODEL.DEVICE {torch.device(cfg.MODEL.DEVICE).type} (each process takes its own)")
+
+
+def check_dataset_files(dataset, cfg) -> None:
+    """A VOC split file; a COCO json and image folder, a set of your own (``TRANSFER.COCO_ROOT``)
+    read in full, so that a malformed record is named now (built-in sets are only looked for)."""
+    if isinstance(dataset, VOCDataset):
+        split_file = dataset.root / "ImageSets" / "Main" / f"{dataset.split}.txt"
+        if not split_file.is_file():
+            raise UsageError(f"dataset {dataset.name}: {split_file} does not exist "
+                             f"(TRANSFER.VOC_ROOT or $DETECTRON2_DATASETS)")
+        return
+    for path in (dataset.json_file, dataset.image_root):
+        if not path.exists():
+            raise UsageError(f"dataset {dataset.name}: {path} does not exist (TRANSFER.COCO_ROOT or $DETECTRON2_DATASETS)")
+    if is_own_set(dataset.name, cfg):
+        try:
+            load_coco_records(dataset.json_file, dataset.image_root)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"dataset {dataset.name}: {error}") from None
 
 
 def primary_results(results: dict) -> dict:
@@ -154,7 +176,8 @@ def main(configs: list, args) -> list[dict]:
             records.write_run_info(cfg.OUTPUT_DIR, cfg, args.engine)
             records.write_eval_results(cfg.OUTPUT_DIR, results, iteration=cfg.SOLVER.MAX_ITER)
             bbox = results["bbox"]
-            print(f"{cfg.OUTPUT_DIR}: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  AP75 {bbox['AP75']:.2f}")
+            masks = f"  mask AP {results['segm']['AP']:.2f}" if "segm" in results else ""
+            print(f"{cfg.OUTPUT_DIR}: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  AP75 {bbox['AP75']:.2f}{masks}")
         outcomes.append(results)
     return outcomes
 

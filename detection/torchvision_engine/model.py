@@ -1,4 +1,4 @@
-"""torchvision's Faster R-CNN R50-FPN built from a Detectron2-style config, and its weights."""
+"""torchvision's Faster R-CNN or Mask R-CNN R50-FPN built from a Detectron2-style config, and its weights."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -33,7 +33,8 @@ def build_model(cfg) -> FasterRCNN:
 
 
 def build_detector(cfg) -> FasterRCNN:
-    """torchvision's Faster R-CNN R50-FPN for ``cfg``, randomly initialised (nothing downloaded)."""
+    """torchvision's Faster R-CNN R50-FPN for ``cfg`` (Mask R-CNN, a ``FasterRCNN`` with a mask
+    head, with ``MODEL.MASK_ON``), randomly initialised (nothing downloaded)."""
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     if not 0 <= freeze_at <= 5:
         raise ValueError(f"MODEL.BACKBONE.FREEZE_AT {freeze_at} must be in 0..5 (stem, res2 .. res5)")
@@ -42,7 +43,8 @@ def build_detector(cfg) -> FasterRCNN:
                                    trainable_layers=5 - freeze_at)
     freeze_stage_batchnorm(backbone.body, freeze_at)
     mean, std = pixel_statistics(cfg)
-    return FasterRCNN(
+    detector = MaskRCNN if cfg.MODEL.MASK_ON else FasterRCNN
+    return detector(
         backbone, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,  # + the background
         min_size=training_min_sizes(cfg), max_size=cfg.INPUT.MAX_SIZE_TRAIN, image_mean=mean, image_std=std,
         rpn_batch_size_per_image=cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE,
