@@ -248,3 +248,17 @@ def test_the_demo_data_holds_the_detection_set_in_coco_format_too(data):
             for voc_object, coco_object in zip(voc_record["annotations"], coco_record["annotations"]):
                 assert coco_object["bbox"] == pytest.approx(voc_object["bbox"], abs=1.0)  # the outline's bounds
                 assert len(coco_object["segmentation"]) == 1
+
+
+def test_a_finished_trial_without_a_score_stops_the_report_with_one_error_line(tmp_path):
+    """A detector that found nothing has AP null (as Detectron2's evaluators give it): the report
+    names the file instead of printing a traceback."""
+    trial = tmp_path / "output" / "detect" / "none" / "trial_0"
+    trial.mkdir(parents=True)
+    (trial / detection_records.RUN_INFO).write_text(json.dumps({"method": "none", "engine": "torchvision"}))
+    (trial / detection_records.EVAL_RESULTS).write_text(json.dumps({"bbox": {"AP": None, "AP50": None, "AP75": None}}))
+    config = write_config(tmp_path / "study.yaml", tmp_path / "data", tmp_path / "output")
+    result = run_study(config, "--report")
+    assert result.returncode == 1, explain(result)
+    assert result.stderr.startswith("error: ") and str(trial / detection_records.EVAL_RESULTS) in result.stderr
+    assert "Traceback" not in result.stderr

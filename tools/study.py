@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = Path(cfg.OUTPUT_DIR)
     if args.report:
-        report = write_report(cfg)
+        try:
+            report = write_report(cfg)
+        except ValueError as error:  # a finished run whose records cannot be scored, e.g. AP null (no detections)
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(format_markdown(report))
         print(f"wrote {output / REPORT_MARKDOWN}")
         return 0
