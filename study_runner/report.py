@@ -23,6 +23,7 @@ from detection.report import compare_runs, format_gain, format_mean_std, load_ru
 from pretrain import convergence
 from pretrain.atomic_file import atomic_write, atomic_write_json
 from pretrain.cost import cost_table, read_run
+from pretrain.run_folder import read_metrics
 from study_runner.paper import PAPER_TABLES, PaperTable, published
 from study_runner.stages import REPORT_JSON, fgsm_result, pretrain_dir
 
@@ -32,10 +33,9 @@ REPORT_MARKDOWN = "study_report.md"
 
 def final_evaluation(run: Path) -> dict | None:
     """The last evaluation a finished pretraining logged (``metrics.json``), or None."""
-    metrics = run / "metrics.json"
-    if not (run / "model_final.pth").is_file() or not metrics.is_file():
+    if not (run / "model_final.pth").is_file() or not (run / "metrics.json").is_file():
         return None
-    evaluations = [record for record in map(json.loads, metrics.read_text().splitlines()) if "top1_error" in record]
+    evaluations = [record for record in read_metrics(run) if "top1_error" in record]
     return evaluations[-1] if evaluations else None
 
 
