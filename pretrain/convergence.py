@@ -3,8 +3,8 @@ something only if every arm did: an undertrained arm loses for its schedule, not
 
 Read from a finished run folder (``metrics.json``, ``config.yaml``):
 
-- stable: no training-loss window after the warm-up above the loss of a classifier that has
-  learned nothing (ln of the number of classes: uniform predictions, whatever the soft targets);
+- stable: no training-loss window after the warm-up above the starting loss (the first window's:
+  what the untrained network scored; ln of the number of classes where it predicts uniformly);
 - loss not rising: the mean loss of the last tenth of training at most that of the tenth before;
 - plateaued: validation top-1 error improved by at most ``PLATEAU_POINTS`` over the last fifth of
   training (the evaluation at or before four fifths against the final one); this needs an
@@ -46,7 +46,7 @@ def summarize(run: Path) -> dict:
         "chance_top1_error": 100.0 * (1 - 1 / cfg.MODEL.NUM_CLASSES),
     }
     summary["stable"] = summary["peak_loss_after_warmup"] is None or \
-        summary["peak_loss_after_warmup"] <= summary["chance_loss"]
+        summary["peak_loss_after_warmup"] <= summary["first_loss"]
     summary["loss_not_rising"] = None in (summary["loss_before_last_tenth"], summary["final_loss"]) or \
         summary["final_loss"] <= summary["loss_before_last_tenth"]
     summary["plateaued"] = None if None in (summary["top1_error_at_four_fifths"], summary["final_top1_error"]) \

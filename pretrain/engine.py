@@ -61,6 +61,18 @@ def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:
                                    interval_scaling=["rescaled", "fixed"])
 
 
+def build_optimizer(cfg, model: torch.nn.Module) -> tuple[torch.optim.SGD, list[float]]:
+    """SGD over two parameter groups, the network and its classifier (``model.fc``), and each
+    group's factor on the scheduled lr (1 and ``SOLVER.HEAD_LR_FACTOR``)."""
+    head = list(model.fc.parameters())
+    in_head = {id(parameter) for parameter in head}
+    body = [parameter for parameter in model.parameters() if id(parameter) not in in_head]
+    optimizer = torch.optim.SGD([{"params": body}, {"params": head}], lr=cfg.SOLVER.BASE_LR,
+                                momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
+                                weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return optimizer, [1.0, cfg.SOLVER.HEAD_LR_FACTOR]
+
+
 def training_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   mixer: BatchMixer, images: torch.Tensor, labels: torch.Tensor,
                   amp_dtype: torch.dtype | None) -> torch.Tensor:
@@ -126,9 +138,7 @@ class PretrainTrainer:
 
         self.memory_format = torch.channels_last if cfg.MODEL.CHANNELS_LAST else torch.contiguous_format
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.SOLVER.BASE_LR,
-                                         momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
-                                         weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        self.optimizer, self.lr_factors = build_optimizer(cfg, self.model)
         self.base_lr = cfg.SOLVER.BASE_LR * cfg.SOLVER.BATCH_SIZE / 256
         self.schedule = build_lr_schedule(cfg, self.iterations_per_epoch)
         amp_dtype = AMP_DTYPES.get(cfg.SOLVER.AMP_DTYPE)
@@ -211,8 +221,8 @@ class PretrainTrainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         lr = self.base_lr * self.schedule(self.iteration / self.total_iterations)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, factor in zip(self.optimizer.param_groups, self.lr_factors):
+            group["lr"] = lr * factor
         return training_step(self.network, self.optimizer, self.scaler, self.mixer, images, labels, self.amp_dtype)
 
     def _check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
@@ -326,6 +336,11 @@ class PretrainTrainer:
         if state["world_size"] != self.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes; this run has "
                              f"{self.world_size}: resume with the same process count")
+        groups = len(state["optimizer"]["param_groups"])
+        if groups != len(self.optimizer.param_groups):
+            raise ValueError(f"{path} holds SGD state for {groups} parameter group(s); this version keeps "
+                             f"{len(self.optimizer.param_groups)} (network, classifier): resume with the "
+                             "version that wrote it")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -26,6 +26,8 @@ def check_pretrain_cfg(cfg, train: bool = True, world_size: int = 1) -> None:
                        ("TEST.BATCH_SIZE", cfg.TEST.BATCH_SIZE), ("SOLVER.EPOCHS", cfg.SOLVER.EPOCHS)):
         if value < 1:
             raise UsageError(f"{key} is {value}; it must be at least 1")
+    if not cfg.SOLVER.HEAD_LR_FACTOR > 0:
+        raise UsageError(f"SOLVER.HEAD_LR_FACTOR is {cfg.SOLVER.HEAD_LR_FACTOR}; it must be above 0")
     if train and cfg.SOLVER.BATCH_SIZE % world_size:
         raise UsageError(f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} does not divide among {world_size} processes")
     for section, build in (("MODEL", lambda: build_model(cfg)),

@@ -48,6 +48,8 @@ CASES = {
                       "MIX: unknown mixing method 'saliencymixx'; choose one of ('none', 'cutout'"),
     "unknown box mode": ("pretrain_net.py", ["--config-file", PRETRAIN], ["MIX.NAME", "saliencymix", "MIX.BOX", "image"],
                          "MIX: unknown box mode 'image'"),
+    "head lr factor": ("pretrain_net.py", ["--config-file", PRETRAIN], ["SOLVER.HEAD_LR_FACTOR", "0.0"],
+                       "SOLVER.HEAD_LR_FACTOR is 0.0; it must be above 0"),
     "missing data root": ("pretrain_net.py", ["--config-file", PRETRAIN], ["DATA.ROOT", "/no/such/imagenet"],
                           "dataset root /no/such/imagenet (DATA.ROOT or $IMAGENET_ROOT) is not a folder"),
     "bad num-gpus": ("pretrain_net.py", ["--config-file", PRETRAIN, "--num-gpus", "0"], [],

@@ -61,6 +61,16 @@ def test_a_spike_after_warmup_a_rising_loss_and_a_late_improvement_are_named(tmp
     assert convergence.verdict(summary) == "loss spiked after warm-up, loss rising at the end, still improving"
 
 
+def test_stable_is_measured_against_the_starting_loss(tmp_path):
+    losses = decaying(1.9, 0.5, WINDOWS)  # an untrained network a little worse than uniform
+    losses[10] = 1.8  # after the warm-up: above ln 5, below the start
+    summary = convergence.summarize(write_run(tmp_path / "below", losses, [50] * EPOCHS))
+    assert summary["first_loss"] == pytest.approx(1.9) and summary["peak_loss_after_warmup"] == 1.8
+    assert summary["stable"]
+    losses[10] = 1.95
+    assert not convergence.summarize(write_run(tmp_path / "above", losses, [50] * EPOCHS))["stable"]
+
+
 def test_a_spike_inside_the_warmup_is_allowed(tmp_path):
     losses = decaying(1.6, 0.5, WINDOWS)
     losses[1] = 6.0  # iteration 10, inside the 1-epoch warm-up

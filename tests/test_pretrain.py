@@ -165,6 +165,17 @@ def test_step_schedule_warmup_and_batch_scaling(imagenet, tmp_path):
     assert trainer.base_lr == pytest.approx(0.1 * 16 / 256)
 
 
+def test_the_classifier_learns_at_its_own_lr_factor(imagenet, tmp_path):
+    trainer = PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.HEAD_LR_FACTOR": 0.1, "SOLVER.MAX_ITER": 2}))
+    head = {id(parameter) for parameter in trainer.model.fc.parameters()}
+    body, classifier = trainer.optimizer.param_groups
+    assert {id(parameter) for parameter in classifier["params"]} == head
+    assert not head & {id(parameter) for parameter in body["params"]}
+    assert len(body["params"]) + len(classifier["params"]) == len(list(trainer.model.parameters()))
+    trainer.train()
+    assert body["lr"] > 0 and classifier["lr"] == pytest.approx(0.1 * body["lr"])
+
+
 def test_bad_configuration_values_are_named(imagenet, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="SOLVER.LEARNING_RATE"):  # fvcore's unknown-key error
         tiny_cfg(imagenet, tmp_path, **{"SOLVER.LEARNING_RATE": 0.1})
