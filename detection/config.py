@@ -47,6 +47,8 @@ def torchvision_engine_defaults() -> CN:
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
     cfg.MODEL.RPN = CN()
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 2000  # proposals kept per image
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
     cfg.MODEL.ROI_HEADS = CN()
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512

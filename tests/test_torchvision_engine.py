@@ -103,6 +103,19 @@ def test_frozen_bn_and_frozen_stages_follow_detectron2_keys(files, tmp_path):
     assert type(body.layer2[0].bn1) is torch.nn.BatchNorm2d
 
 
+def test_proposals_kept_per_image_follow_detectron2s_rpn_keys(files, tmp_path):
+    rpn = build_detector(tiny_config(files, tmp_path, MODEL__RPN__POST_NMS_TOPK_TRAIN=100,
+                                     MODEL__RPN__POST_NMS_TOPK_TEST=50)).rpn
+    assert rpn.post_nms_top_n() == 100
+    rpn.eval()
+    assert rpn.post_nms_top_n() == 50
+    model = build_detector(tiny_config(files, tmp_path, MODEL__RPN__POST_NMS_TOPK_TEST=7)).eval()
+    images, _ = model.transform([torch.rand(3, 64, 64)])
+    with torch.no_grad():
+        proposals, _ = model.rpn(images, model.backbone(images.tensors))
+    assert len(proposals[0]) == 7
+
+
 def test_pixel_statistics_are_rgb_in_unit_range(files, tmp_path):
     bgr = tiny_config(files, tmp_path, INPUT__FORMAT="BGR", MODEL__PIXEL_MEAN=[103.53, 116.28, 123.675],
                       MODEL__PIXEL_STD=[57.375, 57.12, 58.395])

@@ -48,6 +48,8 @@ def build_detector(cfg) -> FasterRCNN:
         backbone, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1,  # + the background
         min_size=training_min_sizes(cfg), max_size=cfg.INPUT.MAX_SIZE_TRAIN, image_mean=mean, image_std=std,
         rpn_batch_size_per_image=cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE,
+        rpn_post_nms_top_n_train=cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN,
+        rpn_post_nms_top_n_test=cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
         box_batch_size_per_image=cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
         box_score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
         box_nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
