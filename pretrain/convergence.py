@@ -1,14 +1,19 @@
 """Did a pretraining run train stably and reach its plateau? A comparison of backbones means
 something only if every arm did: an undertrained arm loses for its schedule, not its method.
 
-Read from a finished run folder (``metrics.json``, ``config.yaml``):
+Read from a finished run folder (``metrics.json``, ``config.yaml``). The last two verdicts fit a
+least-squares line over the last fifth of training rather than comparing two points: a single
+evaluation on a few hundred images, or a single loss window of a mixing arm (half its batches
+mixed), moves by more than the change they judge.
 
 - stable: no training-loss window after the warm-up above the starting loss (the first window's:
   what the untrained network scored; ln of the number of classes where it predicts uniformly);
-- loss not rising: the mean loss of the last tenth of training at most that of the tenth before;
-- plateaued: validation top-1 error improved by at most ``PLATEAU_POINTS`` over the last fifth of
-  training (the evaluation at or before four fifths against the final one); this needs an
-  evaluation before the last fifth (``TEST.EVAL_PERIOD``).
+- loss not rising: the line through the loss windows of the last fifth does not rise by more than
+  twice its standard error (a rise the noise of the windows does not explain);
+- plateaued: the line through the validation top-1 errors from the evaluation at or before four
+  fifths of training to the final one falls by at most ``PLATEAU_POINTS`` over that span (with
+  those two evaluations alone, their difference); this needs an evaluation before the last fifth
+  (``TEST.EVAL_PERIOD``).
 """
 from __future__ import annotations
 
@@ -16,10 +21,13 @@ import math
 import statistics
 from pathlib import Path
 
+from scipy import stats
+
 from pretrain.run_folder import read_config, read_metrics
 
 LAST_FIFTH = 0.8
 PLATEAU_POINTS = 1.0  # percentage points of top-1 error
+RISE_STANDARD_ERRORS = 2.0
 
 
 def summarize(run: Path) -> dict:
@@ -35,22 +43,33 @@ def summarize(run: Path) -> dict:
     after_warmup = [w["loss"] for w in windows if w["iteration"] > warmup + cfg.LOG_PERIOD]
     evaluations = {record["iteration"]: record["top1_error"] for record in records if "top1_error" in record}
     before_last_fifth = [it for it in evaluations if it <= LAST_FIFTH * total]
+    last_fifth = {w["iteration"]: w["loss"] for w in windows if w["iteration"] > LAST_FIFTH * total}
     summary = {
         "chance_loss": math.log(cfg.MODEL.NUM_CLASSES),
         "first_loss": windows[0]["loss"],
         "peak_loss_after_warmup": max(after_warmup) if after_warmup else None,
-        "loss_before_last_tenth": mean_loss(windows, 0.8 * total, 0.9 * total),
         "final_loss": mean_loss(windows, 0.9 * total, total),
+        "loss_rise_over_last_fifth": None,
         "top1_error_at_four_fifths": evaluations[max(before_last_fifth)] if before_last_fifth else None,
         "final_top1_error": evaluations[max(evaluations)] if evaluations else None,
+        "top1_improvement_over_last_fifth": None,
         "chance_top1_error": 100.0 * (1 - 1 / cfg.MODEL.NUM_CLASSES),
     }
     summary["stable"] = summary["peak_loss_after_warmup"] is None or \
         summary["peak_loss_after_warmup"] <= summary["first_loss"]
-    summary["loss_not_rising"] = None in (summary["loss_before_last_tenth"], summary["final_loss"]) or \
-        summary["final_loss"] <= summary["loss_before_last_tenth"]
-    summary["plateaued"] = None if None in (summary["top1_error_at_four_fifths"], summary["final_top1_error"]) \
-        else summary["top1_error_at_four_fifths"] - summary["final_top1_error"] <= PLATEAU_POINTS
+    summary["loss_not_rising"] = True
+    if len(last_fifth) >= 3:
+        line = stats.linregress(list(last_fifth), list(last_fifth.values()))
+        span = max(last_fifth) - min(last_fifth)
+        summary["loss_rise_over_last_fifth"] = line.slope * span
+        summary["loss_not_rising"] = bool(line.slope <= RISE_STANDARD_ERRORS * line.stderr)
+    summary["plateaued"] = None
+    if before_last_fifth:
+        judged = {it: error for it, error in evaluations.items() if it >= max(before_last_fifth)}
+        if len(judged) >= 2:
+            line = stats.linregress(list(judged), list(judged.values()))
+            summary["top1_improvement_over_last_fifth"] = -line.slope * (max(judged) - min(judged))
+            summary["plateaued"] = summary["top1_improvement_over_last_fifth"] <= PLATEAU_POINTS
     return summary
 
 

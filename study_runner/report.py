@@ -51,13 +51,15 @@ def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
         rows.append(row(method, result.get("top1_error"), paper and published(paper.top1_error, method),
                         top5_ours=result.get("top5_error"), top5_paper=paper and published(paper.top5_error, method),
                         error_at_four_fifths=health.get("top1_error_at_four_fifths"),
+                        fall_over_last_fifth=health.get("top1_improvement_over_last_fifth"),
                         final_loss=health.get("final_loss"), first_loss=health.get("first_loss"),
                         peak_loss=health.get("peak_loss_after_warmup"),
                         training=convergence.verdict(health) if health else None))
     return {"name": "classification", "title": "Classification top-1 error (%), lower is better",
             "value": "top-1 error (%)",
             "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5",
-                        "error_at_four_fifths": "top-1 at 4/5 of training", "final_loss": "final train loss",
+                        "error_at_four_fifths": "top-1 at 4/5 of training",
+                        "fall_over_last_fifth": "top-1 fall over the last fifth (fitted)", "final_loss": "final train loss",
                         "first_loss": "starting loss", "peak_loss": "peak loss after warm-up",
                         "training": "training"},
             "rows": rows}

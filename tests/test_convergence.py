@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -14,10 +15,11 @@ EPOCHS, PER_EPOCH, LOG_PERIOD = 10, 20, 5
 
 
 def write_run(folder, losses, errors, warmup_epochs=1.0, classes=5):
-    """A run folder: one loss window per LOG_PERIOD iterations, one evaluation per epoch."""
+    """A run folder: one loss window per LOG_PERIOD iterations, one evaluation per epoch (as many
+    epochs as ``errors``)."""
     cfg = get_cfg()
     cfg.MODEL.NUM_CLASSES = classes
-    cfg.SOLVER.EPOCHS = EPOCHS
+    cfg.SOLVER.EPOCHS = len(errors)
     cfg.SOLVER.WARMUP_EPOCHS = warmup_epochs
     cfg.LOG_PERIOD = LOG_PERIOD
     folder.mkdir()
@@ -59,6 +61,33 @@ def test_a_spike_after_warmup_a_rising_loss_and_a_late_improvement_are_named(tmp
     assert summary["peak_loss_after_warmup"] == 4.0
     assert not summary["stable"] and not summary["loss_not_rising"] and not summary["plateaued"]
     assert convergence.verdict(summary) == "loss spiked after warm-up, loss rising at the end, still improving"
+
+
+def test_the_plateau_is_judged_on_the_line_through_the_last_fifths_evaluations(tmp_path):
+    head = [70, 50, 35, 25, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.8, 2.6]  # 20 epochs: 16 .. 20 judged
+    noisy = head + [2.4, 1.0, 2.4, 2.4, 0.8]  # 1.6 points apart at the ends, a fitted fall of 0.72
+    summary = convergence.summarize(write_run(tmp_path / "noisy", decaying(1.6, 0.3, 2 * WINDOWS), noisy))
+    assert summary["top1_error_at_four_fifths"] == 2.4 and summary["final_top1_error"] == 0.8
+    assert summary["top1_improvement_over_last_fifth"] == pytest.approx(0.72)
+    assert summary["plateaued"]
+    falling = head + [8.8, 7.6, 6.4, 6.2, 6.6]  # ends 2.2 apart, a fitted fall of 2.32: still learning
+    summary = convergence.summarize(write_run(tmp_path / "falling", decaying(1.6, 0.3, 2 * WINDOWS), falling))
+    assert summary["top1_improvement_over_last_fifth"] == pytest.approx(2.32)
+    assert not summary["plateaued"]
+
+
+def test_a_rise_the_noise_of_the_loss_windows_explains_is_not_a_rising_loss(tmp_path):
+    losses = decaying(1.6, 0.6, WINDOWS)
+    last_fifth = WINDOWS // 5
+    # A mixing arm's windows: mixed and plain batches alternate, the last tenth a little higher
+    losses[-last_fifth:] = [0.5, 0.8, 0.6, 0.45, 0.7, 0.5, 0.8, 0.6]
+    summary = convergence.summarize(write_run(tmp_path / "noisy", losses, [50] * EPOCHS))
+    assert summary["final_loss"] > statistics.mean(losses[-last_fifth:-last_fifth // 2])
+    assert summary["loss_not_rising"]
+    losses[-last_fifth:] = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]  # a steady climb
+    summary = convergence.summarize(write_run(tmp_path / "climbing", losses, [50] * EPOCHS))
+    assert summary["loss_rise_over_last_fifth"] == pytest.approx(0.35)  # the line from the first window to the last
+    assert not summary["loss_not_rising"]
 
 
 def test_stable_is_measured_against_the_starting_loss(tmp_path):

@@ -165,7 +165,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--output", default="output/demo/data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-per-class", type=int, default=300)
-    parser.add_argument("--val-per-class", type=int, default=40)
+    parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--detection-train", type=int, default=400)
     parser.add_argument("--detection-test", type=int, default=100)
     parser.add_argument("--classification-size", type=int, default=64)
