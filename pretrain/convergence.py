@@ -7,7 +7,9 @@ evaluation on a few hundred images, or a single loss window of a mixing arm (hal
 mixed), moves by more than the change they judge.
 
 - stable: no training-loss window after the warm-up above the starting loss (the first window's:
-  what the untrained network scored; ln of the number of classes where it predicts uniformly);
+  what the untrained network scored; ln of the number of classes where it predicts uniformly) by
+  more than twice the standard error of their difference (from each window's
+  ``loss_standard_error``; runs logged without it are held to the bare starting loss);
 - loss not rising: the line through the loss windows of the last fifth does not rise by more than
   twice its standard error (a rise the noise of the windows does not explain);
 - plateaued: the line through the validation top-1 errors from the evaluation at or before four
@@ -40,14 +42,14 @@ def summarize(run: Path) -> dict:
     per_epoch = windows[-1]["iterations_per_epoch"]
     total = cfg.SOLVER.EPOCHS * per_epoch
     warmup = cfg.SOLVER.WARMUP_EPOCHS * per_epoch
-    after_warmup = [w["loss"] for w in windows if w["iteration"] > warmup + cfg.LOG_PERIOD]
+    after_warmup = [w for w in windows if w["iteration"] > warmup + cfg.LOG_PERIOD]
     evaluations = {record["iteration"]: record["top1_error"] for record in records if "top1_error" in record}
     before_last_fifth = [it for it in evaluations if it <= LAST_FIFTH * total]
     last_fifth = {w["iteration"]: w["loss"] for w in windows if w["iteration"] > LAST_FIFTH * total}
     summary = {
         "chance_loss": math.log(cfg.MODEL.NUM_CLASSES),
         "first_loss": windows[0]["loss"],
-        "peak_loss_after_warmup": max(after_warmup) if after_warmup else None,
+        "peak_loss_after_warmup": max(w["loss"] for w in after_warmup) if after_warmup else None,
         "final_loss": mean_loss(windows, 0.9 * total, total),
         "loss_rise_over_last_fifth": None,
         "top1_error_at_four_fifths": evaluations[max(before_last_fifth)] if before_last_fifth else None,
@@ -55,8 +57,7 @@ def summarize(run: Path) -> dict:
         "top1_improvement_over_last_fifth": None,
         "chance_top1_error": 100.0 * (1 - 1 / cfg.MODEL.NUM_CLASSES),
     }
-    summary["stable"] = summary["peak_loss_after_warmup"] is None or \
-        summary["peak_loss_after_warmup"] <= summary["first_loss"]
+    summary["stable"] = all(w["loss"] <= spike_threshold(windows[0], w) for w in after_warmup)
     summary["loss_not_rising"] = True
     if len(last_fifth) >= 3:
         line = stats.linregress(list(last_fifth), list(last_fifth.values()))
@@ -71,6 +72,13 @@ def summarize(run: Path) -> dict:
             summary["top1_improvement_over_last_fifth"] = -line.slope * (max(judged) - min(judged))
             summary["plateaued"] = summary["top1_improvement_over_last_fifth"] <= PLATEAU_POINTS
     return summary
+
+
+def spike_threshold(first: dict, window: dict) -> float:
+    """The loss above which ``window`` rose over the starting loss by more than the noise of the
+    two window means (each averages a few batches; half a mixing arm's are mixed)."""
+    spread = math.hypot(first.get("loss_standard_error", 0.0), window.get("loss_standard_error", 0.0))
+    return first["loss"] + RISE_STANDARD_ERRORS * spread
 
 
 def mean_loss(windows: list[dict], start: float, end: float) -> float | None:

@@ -88,6 +88,14 @@ def training_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     return loss.detach()
 
 
+def mean_and_standard_error(total: float, square_total: float, count: int) -> tuple[float, float]:
+    """The mean of ``count`` values and its standard error, from their sum and sum of squares
+    (what all processes' losses reduce to in one all-reduce)."""
+    mean = total / count
+    variance = max(square_total - count * mean * mean, 0.0) / max(count - 1, 1)
+    return mean, math.sqrt(variance / count)
+
+
 class MetricsWriter:
     """Rank 0's JSON lines (``metrics.json``) and TensorBoard events; other ranks write nothing."""
 
@@ -238,14 +246,17 @@ class PretrainTrainer:
                                      f"Last good checkpoint: {previous}")
 
     def _log_window(self, losses, seconds: float, waited: float, progress) -> None:
-        """One metrics line for the iterations since the last: mean loss, lr, throughput, the
-        mean wait for data, and the window's iterations and wall seconds (what tools/cost_report.py
-        adds up)."""
+        """One metrics line for the iterations since the last: mean loss and its standard error
+        (what pretrain/convergence.py weighs a rise against), lr, throughput, the mean wait for
+        data, and the window's iterations and wall seconds (what tools/cost_report.py adds up)."""
         self._check_finite(losses)
-        loss_sum, count, data_time = all_reduce_sum(
-            [float(sum(float(loss) for _, loss in losses)), len(losses), waited], self.device)
+        window = [float(loss) for _, loss in losses]
+        loss_sum, square_sum, count, data_time = all_reduce_sum(
+            [sum(window), sum(loss * loss for loss in window), len(window), waited], self.device)
+        mean, standard_error = mean_and_standard_error(loss_sum, square_sum, count)
         images_per_second = len(losses) * self.cfg.SOLVER.BATCH_SIZE / max(seconds, 1e-9)
-        values = dict(loss=loss_sum / count, lr=self.optimizer.param_groups[0]["lr"],
+        values = dict(loss=mean, loss_standard_error=standard_error,
+                      lr=self.optimizer.param_groups[0]["lr"],
                       images_per_second=images_per_second,
                       data_time=data_time / self.world_size / max(len(losses), 1),
                       epoch=self.iteration / self.iterations_per_epoch,

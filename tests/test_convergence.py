@@ -14,9 +14,9 @@ from pretrain.config import get_cfg
 EPOCHS, PER_EPOCH, LOG_PERIOD = 10, 20, 5
 
 
-def write_run(folder, losses, errors, warmup_epochs=1.0, classes=5):
-    """A run folder: one loss window per LOG_PERIOD iterations, one evaluation per epoch (as many
-    epochs as ``errors``)."""
+def write_run(folder, losses, errors, warmup_epochs=1.0, classes=5, standard_error=None):
+    """A run folder: one loss window per LOG_PERIOD iterations (each with ``standard_error`` where
+    given, as tools/pretrain_net.py logs it), one evaluation per epoch (as many epochs as ``errors``)."""
     cfg = get_cfg()
     cfg.MODEL.NUM_CLASSES = classes
     cfg.SOLVER.EPOCHS = len(errors)
@@ -29,6 +29,8 @@ def write_run(folder, losses, errors, warmup_epochs=1.0, classes=5):
         iteration = (index + 1) * LOG_PERIOD
         lines.append({"iteration": iteration, "loss": loss, "iterations_per_epoch": PER_EPOCH,
                       "window_iterations": LOG_PERIOD, "window_seconds": 1.0})
+        if standard_error is not None:
+            lines[-1]["loss_standard_error"] = standard_error
         if iteration % PER_EPOCH == 0:
             lines.append({"iteration": iteration, "epoch": iteration / PER_EPOCH,
                           "top1_error": errors[iteration // PER_EPOCH - 1]})
@@ -98,6 +100,17 @@ def test_stable_is_measured_against_the_starting_loss(tmp_path):
     assert summary["stable"]
     losses[10] = 1.95
     assert not convergence.summarize(write_run(tmp_path / "above", losses, [50] * EPOCHS))["stable"]
+
+
+def test_a_window_above_the_starting_loss_by_less_than_its_noise_is_no_spike(tmp_path):
+    losses = decaying(1.77, 0.5, WINDOWS)
+    losses[10] = 1.79  # 0.02 above the start, whose window mean is uncertain by 0.05
+    summary = convergence.summarize(write_run(tmp_path / "noisy", losses, [50] * EPOCHS, standard_error=0.05))
+    assert summary["peak_loss_after_warmup"] == 1.79 and summary["stable"]
+    losses[10] = 1.77 + 2 * math.hypot(0.05, 0.05) + 0.01  # beyond twice the error of the difference
+    assert not convergence.summarize(write_run(tmp_path / "spike", losses, [50] * EPOCHS, standard_error=0.05))["stable"]
+    losses[10] = 1.79  # the same small rise, logged without errors: held to the bare start
+    assert not convergence.summarize(write_run(tmp_path / "bare", losses, [50] * EPOCHS))["stable"]
 
 
 def test_a_spike_inside_the_warmup_is_allowed(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.config import get_cfg
 from pretrain.data import RobustImageFolder, ResumableDistributedSampler, ShardSampler, train_transform
-from pretrain.engine import PretrainTrainer, build_lr_schedule
+from pretrain.engine import PretrainTrainer, build_lr_schedule, mean_and_standard_error
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "pretrain").glob("r*.yaml"))
@@ -65,6 +66,14 @@ def read_metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.json").read_text().splitlines()]
 
 
+def test_a_loss_windows_standard_error_comes_from_the_sums_all_processes_reduce_to():
+    losses = [1.9, 1.2, 2.4, 0.7, 1.6]  # a mixing arm's window: mixed and plain batches
+    mean, error = mean_and_standard_error(sum(losses), sum(x * x for x in losses), len(losses))
+    assert mean == pytest.approx(statistics.mean(losses))
+    assert error == pytest.approx(statistics.stdev(losses) / math.sqrt(len(losses)))
+    assert mean_and_standard_error(1.5, 2.25, 1) == (1.5, 0.0)  # one loss: no spread to measure
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
 def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
     cfg = tiny_cfg(imagenet, tmp_path, config, **{"SOLVER.MAX_ITER": 2})
@@ -72,7 +81,8 @@ def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
     records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
-    assert {"lr", "images_per_second", "data_time", "window_seconds", "window_iterations"} <= set(records[0])
+    assert {"lr", "images_per_second", "data_time", "window_seconds", "window_iterations",
+            "loss_standard_error"} <= set(records[0])
     assert 0 <= result["top1_error"] <= 100 and result["val_images"] == CLASSES * VAL_PER_CLASS
     state = ckpt.load(ckpt.Checkpointer(tmp_path, 3).last())
     assert state["iteration"] == 2 and state["cfg"].count(f"NAME: {cfg.MIX.NAME}") == 1
