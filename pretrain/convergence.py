@@ -11,7 +11,10 @@ mixed), moves by more than the change they judge.
   more than twice the standard error of their difference (from each window's
   ``loss_standard_error``; runs logged without it are held to the bare starting loss);
 - loss not rising: the line through the loss windows of the last fifth does not rise by more than
-  twice its standard error (a rise the noise of the windows does not explain);
+  twice its standard error (a rise the noise of the windows does not explain). That error comes
+  from the windows' logged standard errors where they were logged: a dozen windows are too few
+  to measure their own scatter (a mixing arm's last three once read 0.80, 0.82, 0.90 over a flat
+  per-epoch mean); runs logged without them fall back on the line's residuals;
 - plateaued: the line through the validation top-1 errors from the evaluation at or before four
   fifths of training to the final one falls by at most ``PLATEAU_POINTS`` over that span (with
   those two evaluations alone, their difference); this needs an evaluation before the last fifth
@@ -45,7 +48,7 @@ def summarize(run: Path) -> dict:
     after_warmup = [w for w in windows if w["iteration"] > warmup + cfg.LOG_PERIOD]
     evaluations = {record["iteration"]: record["top1_error"] for record in records if "top1_error" in record}
     before_last_fifth = [it for it in evaluations if it <= LAST_FIFTH * total]
-    last_fifth = {w["iteration"]: w["loss"] for w in windows if w["iteration"] > LAST_FIFTH * total}
+    last_fifth = [w for w in windows if w["iteration"] > LAST_FIFTH * total]
     summary = {
         "chance_loss": math.log(cfg.MODEL.NUM_CLASSES),
         "first_loss": windows[0]["loss"],
@@ -60,18 +63,28 @@ def summarize(run: Path) -> dict:
     summary["stable"] = all(w["loss"] <= spike_threshold(windows[0], w) for w in after_warmup)
     summary["loss_not_rising"] = True
     if len(last_fifth) >= 3:
-        line = stats.linregress(list(last_fifth), list(last_fifth.values()))
-        span = max(last_fifth) - min(last_fifth)
-        summary["loss_rise_over_last_fifth"] = line.slope * span
-        summary["loss_not_rising"] = bool(line.slope <= RISE_STANDARD_ERRORS * line.stderr)
+        iterations = [w["iteration"] for w in last_fifth]
+        line = stats.linregress(iterations, [w["loss"] for w in last_fifth])
+        summary["loss_rise_over_last_fifth"] = float(line.slope) * (iterations[-1] - iterations[0])
+        summary["loss_not_rising"] = bool(line.slope <= RISE_STANDARD_ERRORS * slope_error(last_fifth, line))
     summary["plateaued"] = None
     if before_last_fifth:
         judged = {it: error for it, error in evaluations.items() if it >= max(before_last_fifth)}
         if len(judged) >= 2:
             line = stats.linregress(list(judged), list(judged.values()))
-            summary["top1_improvement_over_last_fifth"] = -line.slope * (max(judged) - min(judged))
+            summary["top1_improvement_over_last_fifth"] = -float(line.slope) * (max(judged) - min(judged))
             summary["plateaued"] = summary["top1_improvement_over_last_fifth"] <= PLATEAU_POINTS
     return summary
+
+
+def slope_error(windows: list[dict], line) -> float:
+    """The standard error of the least-squares slope through ``windows``: propagated from their
+    logged standard errors where every window has one, else estimated from the residuals."""
+    if not all("loss_standard_error" in w for w in windows):
+        return float(line.stderr)
+    centre = statistics.mean(w["iteration"] for w in windows)
+    spread = sum((w["iteration"] - centre) ** 2 for w in windows)
+    return math.sqrt(sum(((w["iteration"] - centre) * w["loss_standard_error"]) ** 2 for w in windows)) / spread
 
 
 def spike_threshold(first: dict, window: dict) -> float:

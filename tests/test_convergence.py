@@ -90,6 +90,19 @@ def test_a_rise_the_noise_of_the_loss_windows_explains_is_not_a_rising_loss(tmp_
     summary = convergence.summarize(write_run(tmp_path / "climbing", losses, [50] * EPOCHS))
     assert summary["loss_rise_over_last_fifth"] == pytest.approx(0.35)  # the line from the first window to the last
     assert not summary["loss_not_rising"]
+    climbing = write_run(tmp_path / "climbing, logged errors", losses, [50] * EPOCHS, standard_error=0.02)
+    assert not convergence.summarize(climbing)["loss_not_rising"]
+
+
+def test_the_rise_is_weighed_against_the_windows_logged_errors_where_there_are_some(tmp_path):
+    losses = decaying(1.6, 0.6, WINDOWS)
+    # Windows of half-mixed batches that happen to end high: a line through them rises by 3.6
+    # standard errors of its residuals, by 1.5 of those the windows' own spreads give
+    losses[-8:] = [0.66, 0.70, 0.75, 0.66, 0.72, 0.87, 0.80, 0.90]
+    bare = convergence.summarize(write_run(tmp_path / "bare", losses, [50] * EPOCHS))
+    logged = convergence.summarize(write_run(tmp_path / "logged", losses, [50] * EPOCHS, standard_error=0.13))
+    assert bare["loss_rise_over_last_fifth"] == pytest.approx(logged["loss_rise_over_last_fifth"])
+    assert not bare["loss_not_rising"] and logged["loss_not_rising"]
 
 
 def test_stable_is_measured_against_the_starting_loss(tmp_path):
