@@ -149,8 +149,9 @@ def test_pretraining_runs_one_process_per_task_of_an_srun_step(tmp_path):
     run = subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", "--mem-per-cpu", "1024", "--time", "10",
                           sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
                           str(REPO / "configs/demo/pretrain_none.yaml"), "DATA.ROOT", str(data / "classification"),
-                          "OUTPUT_DIR", str(tmp_path / "run"), "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "10",
-                          "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36", "DATA.NUM_WORKERS", "0", "SOLVER.WARMUP_EPOCHS", "0.0"],
+                          "OUTPUT_DIR", str(tmp_path / "run"), "SOLVER.EPOCHS", "2", "SOLVER.STEP_EPOCHS", "(1,)",
+                          "SOLVER.BATCH_SIZE", "10", "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36",
+                          "DATA.NUM_WORKERS", "0", "SOLVER.WARMUP_EPOCHS", "0.0"],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=True)
