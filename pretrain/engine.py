@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.data import build_train_loader, build_val_loader, per_process_batch, unreadable_paths, world
-from pretrain.weights import load_resnet_state_dict
+from pretrain.evaluation import classification_errors
 from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
 from pretrain.losses import soft_target_cross_entropy
 from pretrain.mix import BatchMixer, build_mixer_from_config
@@ -268,29 +268,15 @@ class PretrainTrainer:
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Top-1 and top-5 error (percent) on the validation folder, every image counted once,
-        ranked on float32 logits (bf16 ties would blur the ranking) with rank 0's BN statistics
+        """Top-1 and top-5 error (percent) on the validation folder, with rank 0's BN statistics
         on every process: the error reported is that of the weights rank 0 saves."""
         self.model.eval()
         if self.world_size > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
-        correct1 = correct5 = total = replaced_total = 0
-        for images, labels, unreadable in self.val_loader:
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            labels = labels.to(self.device, non_blocking=True)
-            logits = self.model(images)
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == labels.unsqueeze(1)
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(dim=1).sum())
-            total += labels.numel()
-            replaced_total += len(unreadable_paths(unreadable))
-        correct1, correct5, total, replaced_total = all_reduce_sum(
-            [correct1, correct5, total, replaced_total], self.device)
+        result = classification_errors(self.model, self.val_loader, self.device, self.memory_format)
         self.model.train()
-        return {"top1_error": 100.0 * (1 - correct1 / total), "top5_error": 100.0 * (1 - correct5 / total),
-                "val_images": int(total), "bad_val_images": int(replaced_total)}
+        return result
 
     def evaluate_and_keep_best(self) -> dict:
         result = self.evaluate()
@@ -366,8 +352,3 @@ class PretrainTrainer:
         self.last_checkpoint = path
         if self.rank == 0:
             logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-    def load_weights(self, path: Path) -> None:
-        """Model weights from one of our checkpoints or a plain torchvision state dict, with or
-        without DDP / torch.compile prefixes (for evaluation)."""
-        self.model.load_state_dict(load_resnet_state_dict(path).state)

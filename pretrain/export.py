@@ -2,7 +2,7 @@
 
 Detectron2 names a ResNet's tensors its own way and reads ImageNet backbones from a pickle of
 numpy arrays. It skips any name it cannot place with only a log line, so a wrong export fails
-silently at detection time; every backbone tensor is therefore checked (``pretrain.weights``)
+silently at detection time; every backbone tensor is therefore checked (``helpers.weights``)
 before anything is written, and files are written atomically.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pretrain.atomic_file import atomic_write
-from pretrain.weights import (ResNetSource, WeightsError, check_backbone, is_backbone_tensor,
+from helpers.weights import (ResNetSource, WeightsError, check_backbone, is_backbone_tensor,
                               load_resnet_state_dict, resnet_depth, torchvision_shapes)
 
 # torchvision -> Detectron2 names, applied in order, each at most once: conv1 / bn1 are the stem
@@ -137,12 +137,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike,
 
 
 def _summary(source: ResNetSource, depth: int, count: int, output: Path, written: str) -> str:
-    """A few lines saying what was read and what was written."""
-    facts = [f"{name} {value}" for name, value in (("epoch", source.epoch),
-                                                  ("iteration", source.iteration),
-                                                  ("MODEL.ARCH", source.arch))
-             if value is not None]
-    origin = f"{source.kind} {source.path}" + (f" ({', '.join(facts)})" if facts else "")
-    return (f"read   ResNet-{depth} from {origin}\n"
+    """A few lines saying what was read (the form found, and what the file records of itself)
+    and what was written."""
+    return (f"read   ResNet-{depth} from {source.describe()}\n"
             f"wrote  {count} tensors to {output}\n"
             f"format {written}")

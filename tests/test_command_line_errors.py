@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
+import torchvision
 
 from voc_tree import CLASSES, write_voc_tree
 
@@ -27,7 +29,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
             folder.mkdir(parents=True)
             for index in range(4):
                 cv2.imwrite(str(folder / f"{index}.png"), np.full((16, 16, 3), 60 * label + index, np.uint8))
-    return {"images": root / "images", "voc": write_voc_tree(root / "voc", train=2, test=2)}
+    torch.save(torchvision.models.resnet50().state_dict(), root / "resnet50_1000_classes.pth")
+    return {"images": root / "images", "voc": write_voc_tree(root / "voc", train=2, test=2),
+            "resnet50_1000_classes": root / "resnet50_1000_classes.pth"}
 
 
 def pretrain_options(data, output: Path) -> list[str]:
@@ -58,6 +62,10 @@ CASES = {
                                ["SOLVER.BATCH_SIZE", "32"], "SOLVER.BATCH_SIZE 32 does not divide among 3 processes"),
     "missing eval weights": ("pretrain_net.py", ["--config-file", PRETRAIN, "--eval-only"], ["MODEL.WEIGHTS", "/no/w.pth"],
                              "MODEL.WEIGHTS /no/w.pth does not exist"),
+    "eval weights of another class count": (
+        "pretrain_net.py", ["--config-file", PRETRAIN, "--eval-only"], ["MODEL.WEIGHTS", "{resnet50_1000_classes}"],
+        "resnet50_1000_classes.pth: does not fit MODEL.ARCH resnet50 with MODEL.NUM_CLASSES 2: wrong shape "
+        "fc.weight: (1000, 2048), expected (2, 2048); wrong shape fc.bias: (1000,), expected (2,)"),
     "detection unknown key": ("train_net.py", ["--engine", "torchvision", "--config-file", DETECT],
                               ["SOLVER.NOPE", "1"], "the command line: Non-existent key: SOLVER.NOPE"),
     "detection missing weights": ("train_net.py", ["--engine", "torchvision", "--config-file", DETECT],
@@ -88,7 +96,7 @@ def test_bad_input_is_one_error_line_with_exit_status_2(case, data, tmp_path):
     defaults = {"pretrain_net.py": pretrain_options, "eval_robustness.py": pretrain_options,
                 "train_net.py": detect_options}.get(script)
     arguments = [*(flag.replace("OUT", str(output)) for flag in flags),
-                 *(defaults(data, output) if defaults else []), *overrides]
+                 *(defaults(data, output) if defaults else []), *(value.format(**data) for value in overrides)]
     finished = subprocess.run([sys.executable, str(REPO / "tools" / script), *arguments], capture_output=True,
                               text=True, timeout=300, cwd=REPO)
     assert finished.returncode == 2, finished.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Tests of ``pretrain.weights``, ``pretrain.export`` and ``tools/convert_to_d2.py``: reading a
-ResNet checkpoint and the torchvision -> Detectron2 ResNet export.
+"""Tests of ``helpers.weights``, ``pretrain.export`` and ``tools/convert_to_d2.py``: reading a
+ResNet in every form it is released in, and the torchvision -> Detectron2 ResNet export.
 
 The sources are real torchvision ResNets (random init, nothing downloaded) whose BN running
 statistics are randomised too, so no exported tensor equals a freshly initialised one: a tensor
@@ -20,7 +20,8 @@ import torchvision
 
 from pretrain.atomic_file import atomic_write
 from pretrain.export import convert, detectron2_to_torchvision
-from pretrain.weights import (
+from helpers import weights
+from helpers.weights import (
     WeightsError,
     is_backbone_tensor,
     load_resnet_state_dict,
@@ -187,7 +188,7 @@ def test_our_checkpoint_format_exports(r50, tmp_path, exported):
     assert "265 tensors" in summary and "ResNet-50" in summary
     assert "epoch 12" in summary and "iteration 3400" in summary and "resnet50" in summary
     assert_same_pickle(tmp_path / "out.pkl", exported[50])
-    assert load_resnet_state_dict(tmp_path / "ckpt.pth").kind == "checkpoint"
+    assert load_resnet_state_dict(tmp_path / "ckpt.pth").form == weights.OURS
 
 
 def assert_same_pickle(path: Path, reference: Path) -> None:
@@ -199,8 +200,8 @@ def assert_same_pickle(path: Path, reference: Path) -> None:
 
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint", "not a loadable PyTorch checkpoint"),
-    ([1, 2, 3], "holds list"),
-    ({"conv1.weight": "text"}, "entry 'conv1.weight' is a str"),
+    ([1, 2, 3], "holds a list, none of the forms of ResNet weights read here: checkpoint of "),
+    ({"conv1.weight": torch.zeros(1), "bn1.weight": "text"}, "entry 'bn1.weight' is a str"),
     ({"weight": torch.zeros(1)}, "no ResNet weights"),
     ({"conv1.weight": torch.zeros(1), "step": np.float64(1.0)},
      "Unsupported global.*--trust-pickle"),
@@ -220,6 +221,156 @@ def test_unusable_inputs_are_refused_naming_the_file(content, message, tmp_path)
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(WeightsError, match=f"{tmp_path / 'absent.pth'}: no such file"):
         convert(tmp_path / "absent.pth", tmp_path / "out.pkl")
+
+
+# ---------------------------------------------------------------- the forms ResNets are released in
+
+
+def trained_one_step(state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, torch.optim.SGD]:
+    """A ResNet-50 holding ``state``, after one SGD step with momentum, as at the end of training:
+    its optimizer holds momentum buffers, and its weights and BN statistics have moved."""
+    model = torchvision.models.resnet50()
+    model.load_state_dict(state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    torch.manual_seed(0)
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 2])).backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save_official(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """As the SaliencyMix / CutMix / PuzzleMix train.py saves model_best.pth.tar: the model in
+    DataParallel, the legacy (pre-zip) format of the torch versions they used."""
+    model, optimizer = trained_one_step(state)
+    wrapped = torch.nn.DataParallel(model)
+    torch.save({"epoch": 300, "arch": "resnet", "state_dict": wrapped.state_dict(), "best_err1": 21.26,
+                "best_err5": torch.tensor(5.76), "optimizer": optimizer.state_dict()}, path,
+               _use_new_zipfile_serialization=False)
+    return model.state_dict()
+
+
+def save_comixup(state: dict, path: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """As Co-Mixup saves its checkpoint: the model in DistributedDataParallel, ``best_prec1``."""
+    import torch.distributed as dist
+
+    model, optimizer = trained_one_step(state)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        torch.save({"epoch": 300, "arch": "resnet50", "state_dict": wrapped.state_dict(),
+                    "best_prec1": torch.tensor(77.6), "optimizer": optimizer.state_dict()}, path)
+    finally:
+        dist.destroy_process_group()
+    return model.state_dict()
+
+
+def save_mmpretrain(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """As mmpretrain / OpenMixup publish a checkpoint: ``meta`` and the ``ImageClassifier``'s state
+    dict, the ResNet under ``backbone.`` and its linear head under ``head.fc.``."""
+    renamed = {(f"head.{name}" if name.startswith("fc.") else f"backbone.{name}"): tensor
+               for name, tensor in state.items()}
+    meta = {"epoch": 100, "iter": 500400, "mmengine_version": "0.7.3",
+            "dataset_meta": {"classes": ("tench", "goldfish")}}
+    torch.save({"meta": meta, "state_dict": renamed}, path)
+    return state
+
+
+def without_batch_counters(state: dict) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in state.items() if not name.endswith("num_batches_tracked")}
+
+
+def save_torchvision_legacy(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """As torchvision's resnet50-0676ba61.pth: a plain state dict, from a torch version whose BN
+    had no batch counter, in the legacy format."""
+    torch.save(without_batch_counters(state), path, _use_new_zipfile_serialization=False)
+    return state
+
+
+def save_plain(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """As torchvision's resnet50-11ad3fa6.pth and timm's pytorch_model.bin: ``torch.save(state_dict)``."""
+    torch.save(state, path)
+    return state
+
+
+def save_safetensors(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """As timm's model.safetensors (no BN batch counters)."""
+    from safetensors.torch import save_file
+
+    save_file(without_batch_counters(state), path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def released(sources, tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """form -> (the file, the ResNet-50 state it holds), each saved the way its project saves it."""
+    folder = tmp_path_factory.mktemp("released")
+    state = sources[50][0]
+    return {
+        weights.OFFICIAL: (folder / "model_best.pth.tar", save_official(state, folder / "model_best.pth.tar")),
+        weights.COMIXUP: (folder / "comixup.pth.tar", save_comixup(state, folder / "comixup.pth.tar", folder)),
+        weights.MMPRETRAIN: (folder / "mmpretrain.pth", save_mmpretrain(state, folder / "mmpretrain.pth")),
+        f"{weights.STATE_DICT} (legacy)": (folder / "resnet50-0676ba61.pth",
+                                          save_torchvision_legacy(state, folder / "resnet50-0676ba61.pth")),
+        weights.STATE_DICT: (folder / "pytorch_model.bin", save_plain(state, folder / "pytorch_model.bin")),
+        weights.SAFETENSORS: (folder / "model.safetensors", save_safetensors(state, folder / "model.safetensors")),
+    }
+
+
+RELEASED_FORMS = [weights.OFFICIAL, weights.COMIXUP, weights.MMPRETRAIN, f"{weights.STATE_DICT} (legacy)",
+                  weights.STATE_DICT, weights.SAFETENSORS]
+
+
+@pytest.mark.parametrize("form", RELEASED_FORMS)
+def test_every_released_form_exports_all_265_backbone_tensors_unchanged(form, released, tmp_path):
+    path, state = released[form]
+    summary = convert(path, tmp_path / "out.pkl")
+    assert f"from {form.removesuffix(' (legacy)')} {path}" in summary and "265 tensors" in summary
+    back = detectron2_to_torchvision(read_pickle(tmp_path / "out.pkl")["model"])
+    assert set(back) == set(backbone(state)) and len(back) == 265
+    for name, tensor in backbone(state).items():
+        assert torch.equal(back[name], tensor), name
+    # The classifier comes along too, for evaluation: the whole torchvision model loads strictly.
+    model = torchvision.models.resnet50()
+    model.load_state_dict(load_resnet_state_dict(path).state)
+    for name, tensor in without_batch_counters(state).items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_the_summary_says_what_an_official_checkpoint_records_of_itself(released, tmp_path):
+    path, _ = released[weights.OFFICIAL]
+    result = run_cli(path, tmp_path / "r50.pkl")
+    assert result.returncode == 0, result.stderr
+    assert (f"read   ResNet-50 from SaliencyMix / CutMix / PuzzleMix train.py checkpoint ('state_dict', "
+            f"'best_err1') {path} (epoch 300, arch resnet, best_err1 21.26, best_err5 5.76)") in result.stdout
+
+
+def test_released_form_errors_name_the_file_on_one_line_and_write_nothing(tmp_path):
+    resnet18 = torch.nn.DataParallel(torchvision.models.resnet18()).state_dict()
+    torch.save({"epoch": 90, "arch": "resnet", "state_dict": resnet18, "best_err1": 30.2, "best_err5": 10.9,
+                "optimizer": {}}, tmp_path / "resnet18.pth.tar")
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "whole.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:5_000_000])
+    torch.save({"epoch": 300, "arch": "resnet", "best_err1": 21.26}, tmp_path / "no_weights.pth.tar")
+    for name, message in (("resnet18.pth.tar", "basic-block ResNet found (blocks per stage (2, 2, 2, 2), no conv3)"),
+                          ("truncated.pth", "not a loadable PyTorch checkpoint"),
+                          ("no_weights.pth.tar", "holds a dict with the entries ['arch', 'best_err1', 'epoch'], "
+                                                 "none of the forms of ResNet weights read here: "
+                                                 + "; ".join(weights.FORMS))):
+        with pytest.raises(WeightsError) as error:
+            convert(tmp_path / name, tmp_path / "out.pkl")
+        assert str(error.value).startswith(f"{tmp_path / name}: ") and message in str(error.value)
+        assert "\n" not in str(error.value) and not (tmp_path / "out.pkl").exists()
+    result = run_cli(tmp_path / "no_weights.pth.tar", tmp_path / "out.pkl")  # as the tool prints it
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'no_weights.pth.tar'}: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.pkl").exists()
+
+
+def test_a_mmpretrain_checkpoint_with_more_than_a_resnet_names_the_extra_tensors(r50, tmp_path):
+    """Nothing is dropped silently: a module beside backbone and head.fc (e.g. a momentum copy)
+    is named, not skipped."""
+    save_mmpretrain({**r50, "neck.momentum.weight": torch.zeros(4)}, tmp_path / "in.pth")
+    with pytest.raises(WeightsError, match=r"unexpected neck\.momentum\.weight \(4,\)"):
+        convert(tmp_path / "in.pth", tmp_path / "out.pkl")
 
 
 def test_depth_is_read_from_the_block_counts(sources, r50):
@@ -370,6 +521,26 @@ def resnet_tensors_in(model_state: dict, fpn: bool) -> dict[str, str]:
             if key.startswith(prefix) and key[len(prefix):].startswith(("stem.", "res")):
                 placed[key[len(prefix):]] = key
     return placed
+
+
+@pytest.mark.parametrize("form", RELEASED_FORMS)
+def test_every_released_form_loads_into_detectron2s_r50_c4_voc_model(form, released, tmp_path):
+    """Loaded by Detectron2's own checkpointer: every exported tensor found, equal to the source."""
+    pytest.importorskip("detectron2")
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    path, state = released[form]
+    convert(path, tmp_path / "out.pkl")
+    model = detectron2_model("PascalVOC-Detection/faster_rcnn_R_50_C4.yaml")
+    DetectionCheckpointer(model).load(str(tmp_path / "out.pkl"))
+    model_state = model.state_dict()
+    placed = resnet_tensors_in(model_state, fpn=False)
+    assert set(placed) == expected_detectron2_names(BLOCKS[50])
+    exported_model = read_pickle(tmp_path / "out.pkl")["model"]
+    unequal = [name for name, array in exported_model.items()
+               if not torch.equal(model_state[placed[name]], torch.from_numpy(array))]
+    assert not unequal and len(exported_model) == 265, unequal[:5]
+    assert torch.equal(model_state["roi_heads.res5.2.conv3.norm.running_var"], state["layer4.2.bn3.running_var"])
 
 
 @pytest.mark.parametrize("config, depth", [

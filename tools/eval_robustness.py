@@ -5,10 +5,12 @@
     python tools/eval_robustness.py --config-file RUN/config.yaml --epsilon 4 MODEL.WEIGHTS RUN/model_best.pth
     python tools/eval_robustness.py --config-file RUN/config.yaml --num-gpus 8
 
-The weights are MODEL.WEIGHTS, or else the run folder's newest checkpoint. ``--epsilon`` is in
+The weights are MODEL.WEIGHTS (any form of ResNet weights that tools/convert_to_d2.py reads,
+released files included), or else the run folder's newest checkpoint. ``--epsilon`` is in
 pixel units of the 0-255 image (default 8, i.e. 8/255); the perturbation is applied to the image
-before normalisation and clipped to the valid range. The result is written beside the weights as
-``<weights>_fgsm_eps<epsilon>.json`` and printed, with the paper's figure for the method.
+before normalisation and clipped to the valid range. The result is written to ``--output``, by
+default beside the weights as ``<weights>_fgsm_eps<epsilon>.json``, and printed, with the
+paper's figure for the method.
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ from pretrain.cli import check_launch, merge_config, reports_usage_errors
 from pretrain.config import get_cfg
 from pretrain.data import build_val_loader, world
 from pretrain.distributed import default_argument_parser, launch, local_device, planned_world_size
-from pretrain.weights import load_resnet_state_dict
-from pretrain.models import build_model
+from pretrain.evaluation import check_weights, load_classifier
 from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm
 from pretrain.validate import check_pretrain_cfg
 
@@ -40,7 +41,7 @@ def setup(args):
     check_launch(args.num_gpus, args.num_machines, args.machine_rank, args.dist_url)
     cfg = merge_config(get_cfg(), args.config_file, args.opts)
     check_pretrain_cfg(cfg, train=False, world_size=planned_world_size(args.num_gpus, args.num_machines))
-    weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
+    check_weights(cfg, weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR))
     cfg.freeze()
     return cfg
 
@@ -49,14 +50,12 @@ def main(cfg, args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     weights = weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
     device = local_device()
-    model = build_model(cfg)
-    model.load_state_dict(load_resnet_state_dict(weights).state)
-    model = Normalized(model, cfg.DATA.MEAN, cfg.DATA.STD).to(device)
+    model = Normalized(load_classifier(cfg, weights)[0], cfg.DATA.MEAN, cfg.DATA.STD).to(device)
     loader = build_val_loader(cfg, pin_memory=device.type == "cuda", normalize=False)
     result = {"weights": str(weights), "method": cfg.MIX.NAME, "arch": cfg.MODEL.ARCH,
               "dataset": cfg.DATA.DATASET, **evaluate_fgsm(model, loader, args.epsilon, device)}
     if world()[0] == 0:
-        output = result_path(weights, args.epsilon)
+        output = args.output or result_path(weights, args.epsilon)
         atomic_write_json(output, result)
         print(f"{cfg.MIX.NAME} {cfg.MODEL.ARCH} on {result['images']} images: top-1 accuracy "
               f"{result['clean_top1_accuracy']:.2f}% clean, {result['fgsm_top1_accuracy']:.2f}% under FGSM "
@@ -71,6 +70,8 @@ if __name__ == "__main__":
     parser = default_argument_parser(__doc__, training=False)
     parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON,
                         help="the attack's step in pixel units of the 0-255 image (default 8)")
+    parser.add_argument("--output", type=Path, metavar="FILE",
+                        help="where to write the result (default: <weights>_fgsm_eps<epsilon>.json beside the weights)")
     arguments = parser.parse_args()
     launch(main, (setup(arguments), arguments), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
            machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)

@@ -13,7 +13,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pretrain import checkpoint as ckpt
 from pretrain.distributed import local_device
-from pretrain.weights import BLOCKS_PER_DEPTH, WeightsError, check_backbone, load_resnet_state_dict, resnet_depth
+from helpers.weights import (BLOCKS_PER_DEPTH, WeightsError, check_backbone, is_batch_counter, load_resnet_state_dict,
+                             resnet_depth)
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +156,6 @@ def load_backbone(model: FasterRCNN, path: Path, depth: int) -> int:
     logger.info("loaded %d backbone tensors from %s into backbone.body (classifier skipped, %d BN batch "
                 "counters not needed)", len(loadable), path, len(weights) - len(loadable))
     return len(loadable)
-
-
-def is_batch_counter(name: str) -> bool:
-    """BN's ``num_batches_tracked``: frozen BN has none, and an export may lack it."""
-    return name.endswith("num_batches_tracked")
 
 
 def read_backbone_weights(path: Path, depth: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Helpers that pretraining, detection and the study runner share."""
