@@ -14,7 +14,7 @@ from study_runner.paper import PAPER_TABLES
 PAPER_METHODS = ("none", "cutout", "mixup", "cutmix", "saliencymix")
 # Each kind of stage has its own resources (one SLURM job per stage; the local executor uses
 # GPUS_PER_NODE as --num-gpus).
-STAGE_KINDS = ("pretrain", "export", "robustness", "detect", "coco", "report")
+STAGE_KINDS = ("pretrain", "verify", "export", "robustness", "detect", "coco", "report")
 TRANSFERS = {"detect": "DETECT", "coco": "COCO"}  # the transfer stages' kinds and their config sections
 ENGINES = ("auto", "detectron2", "torchvision")
 
@@ -47,7 +47,13 @@ def get_study_cfg() -> CN:
     cfg.PRETRAIN = CN()
     cfg.PRETRAIN.CONFIG = "configs/pretrain/r50_{method}.yaml"  # {method}: the arm name
     cfg.PRETRAIN.DATA_ROOT = ""  # DATA.ROOT of every pretraining; empty: the configs' own
-    cfg.PRETRAIN.OPTS = []  # KEY VALUE overrides for every pretraining
+    cfg.PRETRAIN.OPTS = []  # KEY VALUE overrides for every pretraining (and every evaluation of an arm's file)
+    # Arms that start from a weights file instead of a pretraining (released backbones): arm -> file,
+    # relative to WEIGHTS_ROOT (any form tools/convert_to_d2.py reads). Such an arm has no pretrain
+    # stage; with DATA_ROOT its file is evaluated on the validation set (verify.<arm>) and attacked
+    # with FGSM, with the arm's PRETRAIN.CONFIG (its evaluation transform).
+    cfg.PRETRAIN.WEIGHTS_ROOT = ""
+    cfg.PRETRAIN.WEIGHTS = CN(new_allowed=True)
 
     cfg.DETECT = CN()
     cfg.DETECT.ENABLED = True
@@ -71,6 +77,7 @@ def get_study_cfg() -> CN:
 
     cfg.RESOURCES = CN()
     cfg.RESOURCES.PRETRAIN = resources(1, 8, 64, 480, 24 * 60)
+    cfg.RESOURCES.VERIFY = resources(1, 1, 10, 64, 60)  # an arm's weights file on the validation set
     cfg.RESOURCES.EXPORT = resources(1, 0, 4, 32, 30)
     cfg.RESOURCES.ROBUSTNESS = resources(1, 1, 10, 64, 4 * 60)
     cfg.RESOURCES.DETECT = resources(1, 8, 64, 480, 12 * 60)
@@ -94,10 +101,33 @@ def load_study_cfg(config_file: str | Path, opts: list[str]) -> CN:
     cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR).resolve())
     for key, template in (("PRETRAIN", cfg.PRETRAIN.CONFIG), ("DETECT", cfg.DETECT.CONFIG), ("COCO", cfg.COCO.CONFIG)):
         cfg[key].CONFIG = str(Path(template).resolve())
-    if cfg.PRETRAIN.DATA_ROOT:
-        cfg.PRETRAIN.DATA_ROOT = str(Path(cfg.PRETRAIN.DATA_ROOT).resolve())
+    for key in ("DATA_ROOT", "WEIGHTS_ROOT"):
+        if cfg.PRETRAIN[key]:
+            cfg.PRETRAIN[key] = str(Path(cfg.PRETRAIN[key]).expanduser().resolve())
     cfg.freeze()
+    check_weights_files(cfg)
     return cfg
+
+
+def weights_file(cfg: CN, method: str) -> Path | None:
+    """The weights file ``method`` starts from (``PRETRAIN.WEIGHTS``), or None for an arm
+    pretrained in the study."""
+    name = cfg.PRETRAIN.WEIGHTS.get(method)
+    return Path(cfg.PRETRAIN.WEIGHTS_ROOT).expanduser() / name if name else None
+
+
+def trained_arms(cfg: CN) -> list[str]:
+    return [method for method in cfg.STUDY.METHODS if weights_file(cfg, method) is None]
+
+
+def check_weights_files(cfg: CN) -> None:
+    """Every arm's weights file is where the config says (nothing is downloaded)."""
+    for method in cfg.PRETRAIN.WEIGHTS:
+        path = weights_file(cfg, method)
+        if not path.is_file():
+            raise StudyConfigError(f"PRETRAIN.WEIGHTS: arm {method!r} starts from {path}, which does not exist "
+                                   f"(PRETRAIN.WEIGHTS_ROOT {cfg.PRETRAIN.WEIGHTS_ROOT or '(empty)'}; README: "
+                                   "released backbones)")
 
 
 def check(cfg: CN) -> None:
@@ -114,7 +144,15 @@ def check(cfg: CN) -> None:
     if cfg.STUDY.PAPER and cfg.STUDY.PAPER not in PAPER_TABLES:
         raise StudyConfigError(f"STUDY.PAPER {cfg.STUDY.PAPER!r} is unknown; choose one of "
                                f"{sorted(PAPER_TABLES)} or ''")
-    if "{method}" not in cfg.PRETRAIN.CONFIG and len(methods) > 1:
+    for method, name in cfg.PRETRAIN.WEIGHTS.items():
+        if method not in methods:
+            raise StudyConfigError(f"PRETRAIN.WEIGHTS names arm {method!r}, which is not among STUDY.METHODS {methods}")
+        if not isinstance(name, str) or not name:
+            raise StudyConfigError(f"PRETRAIN.WEIGHTS: arm {method!r} needs a file name, got {name!r}")
+        if not cfg.PRETRAIN.WEIGHTS_ROOT and not Path(name).is_absolute():
+            raise StudyConfigError(f"PRETRAIN.WEIGHTS_ROOT is empty: give the folder that holds the weights files "
+                                   f"(arm {method!r}: {name})")
+    if "{method}" not in cfg.PRETRAIN.CONFIG and len(trained_arms(cfg)) > 1:
         raise StudyConfigError(f"PRETRAIN.CONFIG {cfg.PRETRAIN.CONFIG!r} has no {{method}}: every arm "
                                "would train the same config")
     for method in methods:

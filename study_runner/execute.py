@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from helpers.weights import file_sha256
 from study_runner import records
 from study_runner.stages import REPO, Stage
 
@@ -61,6 +62,14 @@ def run_command(argv: list[str], log: Path, echo: bool) -> int:
             stop(process)
 
 
+def weights_used(stage: Stage) -> dict | None:
+    """The weights file the stage reads and its sha256 as it starts (None where it reads none,
+    or the file is missing: then the tool says so)."""
+    if stage.weights is None or not stage.weights.is_file():
+        return None
+    return {"path": str(stage.weights), "sha256": file_sha256(stage.weights)}
+
+
 def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str | None = None,
               machines: tuple[int, int, str] | None = None) -> int:
     """One attempt at ``stage``; returns the tool's exit status. On a multi-node job every
@@ -75,7 +84,7 @@ def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str
         records.update_record(output, stage.name, kind=stage.kind, command=argv, executor=executor, job_id=job_id,
                               host=socket.gethostname(), pid=os.getpid(), started_at=records.now(), ended_at=None,
                               exit_status=None, interrupted=None, resumed=resume, log=str(log),
-                              attempts=previous.get("attempts", 0) + 1)
+                              attempts=previous.get("attempts", 0) + 1, weights=weights_used(stage))
     start = time.monotonic()
     total = previous.get("wall_seconds", 0.0)
     try:

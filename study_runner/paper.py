@@ -24,9 +24,20 @@ class PaperTable:
 PUBLISHED_AS = {"saliencymix_official": "saliencymix"}
 
 
+# ImageNet top-1 error (%) that released backbones outside the paper state for themselves, keyed by
+# the study arm that starts from them: torchvision's ResNet-50 weights (IMAGENET1K_V1: 76.130% top-1;
+# IMAGENET1K_V2: 80.858%, evaluated at resize 232).
+RELEASED_TOP1_ERROR = {"torchvision_v1": 23.87, "torchvision_v2": 19.142}
+
+
 def published(figures: dict[str, float], arm: str) -> float | None:
     """The paper's figure for ``arm``, or for the method the arm runs another way."""
     return figures.get(PUBLISHED_AS.get(arm, arm))
+
+
+def stated_top1_error(paper: PaperTable | None, arm: str) -> float | None:
+    """The top-1 error the weights an arm starts from should show: the paper's, or the release's own."""
+    return (paper and published(paper.top1_error, arm)) or RELEASED_TOP1_ERROR.get(arm)
 
 
 def _cifar(title: str, none: float, cutout: float, cutmix: float, saliencymix: float) -> PaperTable:

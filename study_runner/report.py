@@ -2,13 +2,15 @@
 whatever the study folder holds so far (a figure not measured yet is missing, never zero):
 
 - ImageNet (or CIFAR) top-1 / top-5 error of the finished pretrainings, with whether each trained
-  stably and reached its plateau (``pretrain.convergence``);
+  stably and reached its plateau (``pretrain.convergence``), and of the weights files arms start
+  from, each against the error its authors state (a gap over 0.3 points flags a bad download);
 - VOC AP50 / AP / AP75, mean ± std over the finished trials, and the gain over the baseline
   with its 95% Welch interval (the statistics of ``tools/compare.py``), beside the top-1 error of
   the backbone that was transferred;
 - with the COCO stage, COCO box (and mask) AP the same way;
 - top-1 accuracy under FGSM at the configured epsilon;
-- training time per epoch relative to the baseline (the figures of ``tools/cost_report.py``).
+- training time per epoch relative to the baseline (the figures of ``tools/cost_report.py``);
+- the weights file (path and sha256) each arm's stages read, so a result says which file it came from.
 
 Written as ``study_report.md``, ``study_report.json`` and one bar chart per table.
 """
@@ -24,10 +26,14 @@ from pretrain import convergence
 from pretrain.atomic_file import atomic_write, atomic_write_json
 from pretrain.cost import cost_table, read_run
 from pretrain.run_folder import read_metrics
-from study_runner.paper import PAPER_TABLES, PaperTable, published
-from study_runner.stages import REPORT_JSON, fgsm_result, pretrain_dir
+from study_runner import records
+from study_runner.config import weights_file
+from study_runner.paper import PAPER_TABLES, PaperTable, published, stated_top1_error
+from study_runner.stages import REPORT_JSON, build_stages, fgsm_result, pretrain_dir, verify_result
 
 MISSING = "missing"
+NOT_TRAINED = "not trained here"  # an arm started from a weights file
+VERIFY_TOLERANCE = 0.3  # top-1 points between a weights file's error here and the error its authors state
 REPORT_MARKDOWN = "study_report.md"
 
 
@@ -43,21 +49,46 @@ def row(method: str, ours: float | None, paper: float | None, **columns) -> dict
     return {"method": method, "ours": ours, "paper": paper, **columns}
 
 
+def arm_evaluation(cfg: CfgNode, method: str) -> dict | None:
+    """The error of an arm's classifier: its pretraining's last evaluation, or its weights file's
+    on the validation set (the verify stage), or None."""
+    if weights_file(cfg, method) is None:
+        return final_evaluation(pretrain_dir(cfg, method))
+    path = verify_result(cfg, method)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def file_check(ours: float | None, stated: float | None) -> str | None:
+    """Whether a weights file shows the error its authors state: a gap over ``VERIFY_TOLERANCE``
+    points means a wrong or corrupted download (or another evaluation transform)."""
+    if ours is None:
+        return None
+    if stated is None:
+        return "no stated error to check against"
+    if abs(ours - stated) <= VERIFY_TOLERANCE:
+        return f"as stated ({stated:.2f}, within {VERIFY_TOLERANCE})"
+    return f"DIFFERS from the stated {stated:.2f} by {ours - stated:+.2f}: a wrong or corrupted file?"
+
+
 def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
     rows = []
     for method in cfg.STUDY.METHODS:
-        result = final_evaluation(pretrain_dir(cfg, method)) or {}
-        health = training_health(pretrain_dir(cfg, method)) if result else {}
+        source = weights_file(cfg, method)
+        result = arm_evaluation(cfg, method) or {}
+        health = training_health(pretrain_dir(cfg, method)) if result and source is None else {}
+        training = convergence.verdict(health) if health else NOT_TRAINED if source else None
         rows.append(row(method, result.get("top1_error"), paper and published(paper.top1_error, method),
                         top5_ours=result.get("top5_error"), top5_paper=paper and published(paper.top5_error, method),
+                        weights=f"file {cfg.PRETRAIN.WEIGHTS[method]}" if source else "trained here",
+                        check=file_check(result.get("top1_error"), stated_top1_error(paper, method)) if source else "n/a",
                         error_at_four_fifths=health.get("top1_error_at_four_fifths"),
                         fall_over_last_fifth=health.get("top1_improvement_over_last_fifth"),
                         final_loss=health.get("final_loss"), first_loss=health.get("first_loss"),
-                        peak_loss=health.get("peak_loss_after_warmup"),
-                        training=convergence.verdict(health) if health else None))
+                        peak_loss=health.get("peak_loss_after_warmup"), training=training))
     return {"name": "classification", "title": "Classification top-1 error (%), lower is better",
             "value": "top-1 error (%)",
-            "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5",
+            "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5", "weights": "weights",
+                        "check": "file against its stated error",
                         "error_at_four_fifths": "top-1 at 4/5 of training",
                         "fall_over_last_fifth": "top-1 fall over the last fifth (fitted)", "final_loss": "final train loss",
                         "first_loss": "starting loss", "peak_loss": "peak loss after warm-up",
@@ -75,7 +106,7 @@ def training_health(run: Path) -> dict:
 
 def backbone_error(cfg: CfgNode, method: str) -> float | None:
     """The top-1 error of the backbone an arm transfers, to read beside its detector's AP."""
-    return (final_evaluation(pretrain_dir(cfg, method)) or {}).get("top1_error")
+    return (arm_evaluation(cfg, method) or {}).get("top1_error")
 
 
 def transfer_summaries(cfg: CfgNode, transfer: str) -> dict[str, dict]:
@@ -175,9 +206,21 @@ def cost_table_rows(cfg: CfgNode, paper: PaperTable | None) -> dict:
         cost = measured.get(method, {})
         hours = paper and published(paper.cost_hours, method)
         rows.append(row(method, cost.get("relative"), hours / baseline_hours if hours and baseline_hours else None,
-                        seconds_per_epoch=cost.get("seconds_per_epoch")))
+                        seconds_per_epoch=NOT_TRAINED if weights_file(cfg, method) else cost.get("seconds_per_epoch")))
     return {"name": "cost", "title": f"Training time per epoch relative to {cfg.STUDY.BASELINE!r}",
             "value": "relative time", "columns": {"seconds_per_epoch": "s / epoch"}, "rows": rows}
+
+
+def weights_files(cfg: CfgNode) -> list[dict]:
+    """Which weights file (path and sha256, as each stage's record keeps them) every arm's stages
+    read: one row per arm and file content, so a file that changed during the study shows twice."""
+    used: dict[tuple, list[str]] = {}
+    for stage in build_stages(cfg, cuda=False):
+        weights = records.read_record(Path(cfg.OUTPUT_DIR), stage.name).get("weights")
+        if stage.weights is not None and weights:
+            used.setdefault((stage.arm, weights["path"], weights["sha256"]), []).append(stage.name)
+    return [{"method": arm, "path": path, "sha256": sha256, "stages": stages}
+            for (arm, path, sha256), stages in used.items()]
 
 
 def build_report(cfg: CfgNode) -> dict:
@@ -192,7 +235,7 @@ def build_report(cfg: CfgNode) -> dict:
     if cfg.COCO.ENABLED:
         tables.append(coco_table(cfg))
     return {"study": cfg.OUTPUT_DIR, "note": cfg.STUDY.NOTE, "paper": paper.title if paper else None,
-            "baseline": cfg.STUDY.BASELINE, "tables": tables}
+            "baseline": cfg.STUDY.BASELINE, "tables": tables, "weights": weights_files(cfg)}
 
 
 def cell(value) -> str:
@@ -216,6 +259,11 @@ def format_markdown(report: dict) -> str:
                       *(cell(entry[key]) for key in table["columns"])]
             lines.append("| " + " | ".join(values) + " |")
         lines += ["", f"![{table['name']}]({chart_name(table)})"]
+    if report["weights"]:
+        lines += ["", "## Weights files", "", "The file each arm's stages read, as their records keep it.", "",
+                  "| arm | file | sha256 | stages |", "|---|---|---|---|"]
+        lines += [f"| {entry['method']} | `{entry['path']}` | `{entry['sha256']}` | {', '.join(entry['stages'])} |"
+                  for entry in report["weights"]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 """tools/study.py with the local executor: a tiny study end to end, rerun, interrupted and
 resumed, a failing stage, the paper study's dry run, bad configs and the report's gaps."""
+import hashlib
 import json
 import re
 import signal
@@ -16,9 +17,9 @@ from detection import records as detection_records
 from detection.coco import load_coco_records
 from detection.voc import load_voc_split
 from pretrain.export import convert
-from study_runner.config import load_study_cfg
+from study_runner.config import StudyConfigError, load_study_cfg
 from study_runner.report import MISSING, write_report
-from tiny_study import DETECT_OPTS, REPO, explain, make_data, run_study, study_command, write_config
+from tiny_study import DETECT_OPTS, PRETRAIN_OPTS, REPO, explain, make_data, run_study, study_command, write_config
 
 METHODS = ("none", "saliencymix")
 
@@ -100,6 +101,57 @@ def test_a_study_stopped_in_the_middle_of_a_stage_resumes_to_the_same_results(fi
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_arms_started_from_files_skip_pretraining_and_match_the_arms_trained_into_them(finished_study, data, tmp_path):
+    """The tiny study's two trained classifiers, saved as their authors release such files (the
+    official train.py checkpoint, a plain torchvision state dict), start a study of their own: no
+    pretraining runs, the verify stage finds the error --eval-only reports and training logged, and
+    FGSM, export and detection give the trained arms' figures; the report lists each file's sha256."""
+    _, reference, first = finished_study
+    assert first.returncode == 0, explain(first)
+    released = tmp_path / "released"
+    (released / "none").mkdir(parents=True)
+    (released / "saliencymix").mkdir()
+    trained = {method: torch.load(reference / "pretrain" / method / "model_final.pth", weights_only=True)["model"]
+               for method in METHODS}
+    torch.save({"epoch": 4, "arch": "resnet", "state_dict": {f"module.{k}": v for k, v in trained["none"].items()},
+                "best_err1": 50.0, "best_err5": 0.0, "optimizer": {"state": {}, "param_groups": []}},
+               released / "none" / "model_best.pth.tar", _use_new_zipfile_serialization=False)
+    torch.save(trained["saliencymix"], released / "saliencymix" / "resnet50.pth")
+    files = {"none": "none/model_best.pth.tar", "saliencymix": "saliencymix/resnet50.pth"}
+    output = tmp_path / "output"
+    config = write_config(tmp_path / "study.yaml", data, output, PRETRAIN={"WEIGHTS_ROOT": str(released), "WEIGHTS": files})
+
+    result = run_study(config)
+    assert result.returncode == 0, explain(result)
+    headers = [line for line in result.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    assert [header.split("] ")[1] for header in headers] == [
+        "verify.none", "robustness.none", "export.none", "detect.none.0", "verify.saliencymix",
+        "robustness.saliencymix", "export.saliencymix", "detect.saliencymix.0", "compare", "report"]
+    assert not (output / "pretrain" / "none" / "model_final.pth").exists()
+
+    verified = json.loads((output / "pretrain" / "none" / "eval_results.json").read_text())
+    eval_only = subprocess.run(
+        [sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file", str(REPO / "configs/demo/pretrain_none.yaml"),
+         "--eval-only", "DATA.ROOT", str(data / "classification"), *PRETRAIN_OPTS,
+         "MODEL.WEIGHTS", str(released / files["none"]), "OUTPUT_DIR", str(tmp_path / "eval_only")],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert eval_only.returncode == 0, eval_only.stderr[-3000:]
+    assert json.loads(eval_only.stdout.strip().splitlines()[-1])["top1_error"] == verified["top1_error"]
+    assert verified["form"].startswith("SaliencyMix / CutMix / PuzzleMix train.py checkpoint")
+    # The same weights give the same figures as the trained arms did: classification, FGSM, detection.
+    assert outcome(output) == outcome(reference)
+
+    report = (output / "study_report.md").read_text()
+    for method, name in files.items():
+        sha256 = hashlib.sha256((released / name).read_bytes()).hexdigest()
+        assert f"| {method} | `{released / name}` | `{sha256}` | verify.{method}, robustness.{method}, export.{method} |" in report
+        record = json.loads((output / "stages" / f"export.{method}.json").read_text())
+        assert record["weights"] == {"path": str(released / name), "sha256": sha256}
+    assert "| none | " in report and "23.68" in report and "76.71" in report  # the paper's figures beside ours
+    assert "DIFFERS from the stated 23.68 by " in report  # a tiny toy classifier is not the paper's
+    assert "| none | missing | 1.00 | not trained here |" in report  # the cost table
+
+
 def test_a_failed_stage_stops_only_the_stages_that_need_it(data, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
@@ -156,6 +208,53 @@ def test_the_paper_study_dry_run_lists_every_stage_and_its_exact_command():
     assert not Path("/scratch/paper").exists()  # a dry run writes nothing
 
 
+def test_the_released_study_dry_run_lists_its_stages_and_no_pretraining(tmp_path):
+    """configs/study/released_r50_voc.yaml with the five files in place: no pretrain stage and no
+    training command; each file verified on ImageNet val (only when a validation folder is
+    given), attacked, exported and fine-tuned five times."""
+    methods = ("none", "cutout", "mixup", "cutmix", "saliencymix")
+    for method in methods:
+        (tmp_path / "released" / method).mkdir(parents=True)
+        (tmp_path / "released" / method / "model_best.pth.tar").write_bytes(b"placeholder: a dry run reads no file")
+    common = ("--dry-run", "--executor", "slurm", "OUTPUT_DIR", "/scratch/released", "PRETRAIN.WEIGHTS_ROOT",
+              str(tmp_path / "released"))
+    result = run_study(REPO / "configs/study/released_r50_voc.yaml", *common, "PRETRAIN.DATA_ROOT", "/data/imagenet")
+    assert result.returncode == 0, explain(result)
+    lines = result.stdout.splitlines()
+    stages = [line.split("]")[1].split(":")[0].strip() for line in lines if line.startswith("[")]
+    expected = []
+    for method in methods:
+        expected += [f"verify.{method}", f"robustness.{method}", f"export.{method}",
+                     *(f"detect.{method}.{trial}" for trial in range(5))]
+    assert stages == [*expected, "compare", "report"]  # no cost stage: nothing is trained
+    commands = [line for line in lines if line.startswith("  $ ")]
+    assert all("--eval-only" in command for command in commands if "tools/pretrain_net.py" in command)
+    source = tmp_path / "released" / "saliencymix" / "model_best.pth.tar"
+    python = sys.executable
+    assert (f"  $ {python} {REPO}/tools/pretrain_net.py --config-file {REPO}/configs/pretrain/r50_saliencymix.yaml "
+            f"--eval-only --num-gpus 1 DATA.ROOT /data/imagenet MODEL.WEIGHTS {source} "
+            "OUTPUT_DIR /scratch/released/pretrain/saliencymix") in commands
+    assert (f"  $ {python} {REPO}/tools/convert_to_d2.py {source} /scratch/released/pretrain/saliencymix/backbone.pkl"
+            in commands)
+    assert (f"  $ {python} {REPO}/tools/train_net.py --config-file {REPO}/configs/detection/faster_rcnn_R50_C4_voc.yaml "
+            "--engine detectron2 --num-gpus 8 MODEL.WEIGHTS /scratch/released/pretrain/saliencymix/backbone.pkl "
+            "TRANSFER.METHOD saliencymix OUTPUT_DIR /scratch/released/detect/saliencymix/trial_4 SEED 4") in commands
+    export_job = lines[lines.index(next(l for l in lines if "] export.none:" in l)) + 2]
+    assert "--dependency" not in export_job and "--gpus-per-node" not in export_job  # needs nothing, CPU only
+    assert "--gpus-per-node=1" in lines[lines.index(next(l for l in lines if "] verify.none:" in l)) + 2]
+
+    without_val = run_study(REPO / "configs/study/released_r50_voc.yaml", *common)
+    assert without_val.returncode == 0, explain(without_val)
+    assert "tools/pretrain_net.py" not in without_val.stdout and "verify." not in without_val.stdout
+    assert "robustness." not in without_val.stdout and "export.cutmix: to run" in without_val.stdout
+
+    (tmp_path / "released" / "mixup" / "model_best.pth.tar").unlink()
+    missing = run_study(REPO / "configs/study/released_r50_voc.yaml", *common)
+    assert missing.returncode == 2 and missing.stderr == (
+        f"error: PRETRAIN.WEIGHTS: arm 'mixup' starts from {tmp_path / 'released/mixup/model_best.pth.tar'}, which "
+        f"does not exist (PRETRAIN.WEIGHTS_ROOT {tmp_path / 'released'}; README: released backbones)\n")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["STUDY.NOT_A_KEY", "1"], "the command line: Non-existent key: STUDY.NOT_A_KEY"),
     (["STUDY.METHODS", "['none', 'saliencymixx']"], "r50_saliencymixx.yaml (arm 'saliencymixx') does not exist"),
@@ -170,6 +269,20 @@ def test_a_bad_study_config_is_one_clear_error(overrides, message, tmp_path):
     assert result.returncode == 2, explain(result)
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "PRETRAIN.WEIGHTS_ROOT is empty: give the folder that holds the weights files (arm 'none': "
+         "none/model_best.pth.tar)"),
+    (["PRETRAIN.WEIGHTS_ROOT", "/data/released", "STUDY.METHODS", "['none', 'cutmix']"],
+     "PRETRAIN.WEIGHTS names arm 'cutout', which is not among STUDY.METHODS ['none', 'cutmix']"),
+    (["PRETRAIN.WEIGHTS_ROOT", "/data/released", "PRETRAIN.WEIGHTS.mixup", "''"],
+     "PRETRAIN.WEIGHTS: arm 'mixup' needs a file name, got ''"),
+])
+def test_a_bad_choice_of_weights_files_is_one_clear_error(overrides, message):
+    with pytest.raises(StudyConfigError) as error:
+        load_study_cfg(REPO / "configs/study/released_r50_voc.yaml", overrides)
+    assert str(error.value) == message
 
 
 def test_the_report_of_an_empty_study_shows_every_figure_as_missing(tmp_path):

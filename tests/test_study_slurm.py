@@ -94,6 +94,36 @@ def test_a_tiny_study_runs_through_slurm_with_one_job_per_stage(data, tmp_path):
 
 
 @needs_slurm
+def test_arms_started_from_files_run_through_slurm_without_pretraining(data, tmp_path):
+    """Each file verified, attacked, exported and fine-tuned in jobs of their own kinds (verify on
+    RESOURCES.VERIFY); no pretraining job, no cost job (nothing is trained)."""
+    import torchvision
+
+    files = {}
+    for seed, method in enumerate(("none", "saliencymix")):
+        torch.manual_seed(seed)
+        files[method] = f"{method}/resnet50.pth"
+        (tmp_path / "released" / method).mkdir(parents=True)
+        torch.save(torchvision.models.resnet50(num_classes=5).state_dict(), tmp_path / "released" / files[method])
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output",
+                          PRETRAIN={"WEIGHTS_ROOT": str(tmp_path / "released"), "WEIGHTS": files})
+    result = run_study(config, "--executor", "slurm", "--wait")
+    assert result.returncode == 0, explain(result)
+    assert "pretrain." not in result.stdout and "cost:" not in result.stdout
+    assert "verify.saliencymix: submitted as job" in result.stdout
+    assert {stage: state for stage, state in states(config).items() if not stage.isdigit()} == {  # not the "10 done" tally
+        stage: "done" for method in files for stage in (f"verify.{method}", f"robustness.{method}",
+                                                         f"export.{method}", f"detect.{method}.0")} | {
+        "compare": "done", "report": "done"}
+    record = json.loads((tmp_path / "output" / "stages" / "verify.none.json").read_text())
+    assert record["executor"] == "slurm" and record["exit_status"] == 0
+    assert record["weights"]["path"] == str(tmp_path / "released" / files["none"]) and len(record["weights"]["sha256"]) == 64
+    report = json.loads((tmp_path / "output" / "study_report.json").read_text())
+    classification = next(table for table in report["tables"] if table["name"] == "classification")
+    assert all(row["ours"] is not None and row["training"] == "not trained here" for row in classification["rows"])
+
+
+@needs_slurm
 def test_a_job_cancelled_with_scancel_is_rerun_by_the_next_invocation(data, tmp_path):
     config = write_config(tmp_path / "study.yaml", data, tmp_path / "output",
                           DETECT={"SEEDS": [0]}, ROBUSTNESS={"ENABLED": False})

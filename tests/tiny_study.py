@@ -17,7 +17,7 @@ DETECT_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "I
                "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0"]
 # Small enough for a one-node test cluster of 2 CPUs.
 SMALL_JOBS = {kind: {"CPUS_PER_NODE": 1, "MEM_GB": 1, "TIME_MINUTES": 10, "GPUS_PER_NODE": 0}
-              for kind in ("PRETRAIN", "EXPORT", "ROBUSTNESS", "DETECT", "REPORT")}
+              for kind in ("PRETRAIN", "VERIFY", "EXPORT", "ROBUSTNESS", "DETECT", "REPORT")}
 
 
 def make_data(folder: Path) -> Path:

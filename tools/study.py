@@ -7,9 +7,11 @@ the detectors, time the training, and write one report that sets every figure be
     python tools/study.py --config-file configs/study/paper_r50_voc.yaml --dry-run     # stages, commands, jobs
     python tools/study.py --config-file configs/study/paper_r50_voc.yaml --status      # where each stage stands
     python tools/study.py --config-file configs/study/demo.yaml                         # what `make demo` runs
+    python tools/study.py --config-file configs/study/released_r50_voc.yaml \
+        PRETRAIN.WEIGHTS_ROOT /data/released PRETRAIN.DATA_ROOT /data/imagenet       # from the authors' files
 
 Each stage runs a project tool with its normal command line (printed, so any stage can be rerun
-by hand). Run again, the study skips finished stages, resumes interrupted ones from their last
+by hand). Arms listed under PRETRAIN.WEIGHTS start from a weights file instead of a pretraining. Run again, the study skips finished stages, resumes interrupted ones from their last
 checkpoint and retries failed ones. ``--executor local`` runs the stages one after another here;
 ``--executor slurm`` queues one job per stage with dependencies and returns (``--wait`` waits).
 Trailing ``KEY VALUE`` pairs override the study config (``DETECT.SEEDS "[0, 1]"``).
