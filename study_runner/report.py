@@ -85,10 +85,10 @@ def classification_table(cfg: CfgNode, paper: PaperTable | None) -> dict:
                         fall_over_last_fifth=health.get("top1_improvement_over_last_fifth"),
                         final_loss=health.get("final_loss"), first_loss=health.get("first_loss"),
                         peak_loss=health.get("peak_loss_after_warmup"), training=training))
+    from_files = {"weights": "weights", "check": "file against its stated error"} if cfg.PRETRAIN.WEIGHTS else {}
     return {"name": "classification", "title": "Classification top-1 error (%), lower is better",
             "value": "top-1 error (%)",
-            "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5", "weights": "weights",
-                        "check": "file against its stated error",
+            "columns": {"top5_ours": "top-5 error", "top5_paper": "paper top-5", **from_files,
                         "error_at_four_fifths": "top-1 at 4/5 of training",
                         "fall_over_last_fifth": "top-1 fall over the last fifth (fitted)", "final_loss": "final train loss",
                         "first_loss": "starting loss", "peak_loss": "peak loss after warm-up",
