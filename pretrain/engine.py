@@ -23,8 +23,8 @@ from tqdm import tqdm
 from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.data import build_train_loader, build_val_loader, per_process_batch, unreadable_paths, world
-from pretrain.evaluation import classification_errors
 from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
+from pretrain.evaluation import classification_errors
 from pretrain.losses import soft_target_cross_entropy
 from pretrain.mix import BatchMixer, build_mixer_from_config
 from pretrain.models import build_model

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.atomic_file import atomic_write
 from helpers.weights import (ResNetSource, WeightsError, check_backbone, is_backbone_tensor,
-                              load_resnet_state_dict, resnet_depth, torchvision_shapes)
+                             load_resnet_state_dict, resnet_depth, torchvision_shapes)
+from pretrain.atomic_file import atomic_write
 
 # torchvision -> Detectron2 names, applied in order, each at most once: conv1 / bn1 are the stem
 # (stem.conv1 and its norm), layerN is res(N+1), bnK is convK's norm, downsample.0 / .1 are the

@@ -30,8 +30,8 @@ from pretrain.atomic_file import atomic_write_json
 from pretrain.checkpoint import weights_to_evaluate
 from pretrain.cli import check_launch, merge_config, reports_usage_errors
 from pretrain.config import get_cfg
-from pretrain.distributed import default_argument_parser, launch, planned_world_size
 from pretrain.data import world
+from pretrain.distributed import default_argument_parser, launch, planned_world_size
 from pretrain.engine import PretrainTrainer
 from pretrain.evaluation import EVAL_RESULTS, check_weights, evaluate_weights
 from pretrain.validate import check_pretrain_cfg
