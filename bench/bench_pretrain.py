@@ -21,9 +21,8 @@ import warnings
 
 import torch
 import torchvision
-
-
 from common import BENCH_MIXERS, SyncCounter, normalise
+
 from pretrain.engine import training_step
 from pretrain.mix import build_mixer
 
@@ -47,9 +46,10 @@ def cuda_syncs(step) -> int:
 
 
 def stand_in_syncs(mixer, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """The synchronisations ``mixer`` would make on a GPU, counted on the CPU (mixer only)."""
+    """The synchronisations ``mixer`` would make on a GPU, counted on the CPU (mixer only),
+    given the batch on the device and, as the trainer gives it, on the host."""
     with SyncCounter() as counter:
-        mixer(counter.on_device(images), counter.on_device(labels))
+        mixer(counter.on_device(images), counter.on_device(labels), images)
     return len(counter.syncs)
 
 
@@ -74,14 +74,15 @@ def main(argv=None) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(batch, 3, args.size, args.size, generator=generator)
-    images = normalise(pixels).to(device).contiguous(memory_format=torch.channels_last)
+    host_images = normalise(pixels)  # the batch as the loader hands it over, before the trainer copies it
+    images = host_images.to(device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     mixers = {label: build_mixer(num_classes=1000, generator=torch.Generator().manual_seed(1), **options)
               for label, (options, _) in BENCH_MIXERS.items()}
 
     def run(mixer, count):
         for _ in range(count):
-            training_step(model, optimizer, scaler, mixer, images, labels, amp_dtype)
+            training_step(model, optimizer, scaler, mixer, images, labels, amp_dtype, host_images)
         synchronise(device)
 
     run(mixers["none"], 1 if not on_gpu else 3)  # warm up kernels and allocator
@@ -92,10 +93,10 @@ def main(argv=None) -> None:
             run(mixer, steps)
             seconds[label].append((time.perf_counter() - start) / steps)
     if on_gpu:
-        syncs = {label: cuda_syncs(lambda: training_step(model, optimizer, scaler, mixer, images, labels, amp_dtype))
+        syncs = {label: cuda_syncs(lambda: training_step(model, optimizer, scaler, mixer, images, labels, amp_dtype, host_images))
                  for label, mixer in mixers.items()}
     else:
-        syncs = {label: stand_in_syncs(mixer, images, labels) for label, mixer in mixers.items()}
+        syncs = {label: stand_in_syncs(mixer, host_images, labels) for label, mixer in mixers.items()}
 
     name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.arch} training step, batch {batch} x 3 x {args.size} x {args.size} on {device} ({name}), "

@@ -30,8 +30,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detection.evaluation import as_numpy
+from helpers.distributed import all_gather_objects
 from pretrain.atomic_file import atomic_write_json
-from pretrain.distributed import all_gather_objects
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from detection.voc import VOC_CLASSES, annotation_file, parse_annotation, read_split_ids, split_file
-from pretrain.distributed import all_gather_objects
+from helpers.distributed import all_gather_objects
 
 IOU_THRESHOLDS_PERCENT = tuple(range(50, 100, 5))
 ELEVEN_RECALL_LEVELS = np.arange(0.0, 1.1, 0.1)  # Detectron2's grid, float quirks included

@@ -19,12 +19,22 @@ def write_run_info(output_dir: str | Path, cfg, engine: str) -> dict:
     """How the run was trained, and ``dataset_kind`` ("voc" or "coco"): how the test dataset whose
     results ``eval_results.json`` holds at its top level (the first) was scored."""
     info = {"method": cfg.TRANSFER.METHOD or "unknown", "weights": cfg.MODEL.WEIGHTS, "engine": engine,
+            "architecture": built_architecture(cfg, engine),
             "train_datasets": list(cfg.DATASETS.TRAIN), "test_datasets": list(cfg.DATASETS.TEST),
             "dataset_kind": resolve(cfg.DATASETS.TEST[0], cfg).kind,
             "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
             "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR, "seed": cfg.SEED}
     atomic_write_json(Path(output_dir) / RUN_INFO, info)
     return info
+
+
+def built_architecture(cfg, engine: str) -> str:
+    """The model the engine built: torchvision's R-CNN FPN, or Detectron2's parts by registry name."""
+    model = cfg.MODEL
+    if engine == "torchvision":
+        return f"{'Mask' if model.MASK_ON else 'Faster'} R-CNN R{model.RESNETS.DEPTH}-FPN (torchvision)"
+    return (f"{model.META_ARCHITECTURE} R{model.RESNETS.DEPTH}: {model.BACKBONE.NAME}, {model.ROI_HEADS.NAME}"
+            f"{', mask head' if model.MASK_ON else ''} (Detectron2)")
 
 
 def write_eval_results(output_dir: str | Path, results: dict, iteration: int) -> None:

@@ -48,7 +48,7 @@ class Checkpointer:
 
     def save_best(self, state: dict) -> Path:
         path = self.directory / BEST_NAME
-        save(path, state)
+        save(path, weights_only(state))
         return path
 
     def last(self) -> Path | None:
@@ -65,6 +65,12 @@ class Checkpointer:
         periodic = sorted(p for p in self.directory.glob("checkpoint_*.pth") if p != keep)
         for old in periodic[:max(0, len(periodic) - (self.keep_last - 1))]:
             old.unlink()
+
+
+def weights_only(state: dict) -> dict:
+    """A state to read, not to resume: without the SGD momentum (as large as the weights) and
+    the loss scaler (best and final weights, rewritten often or kept for good)."""
+    return {key: value for key, value in state.items() if key not in ("optimizer", "scaler")}
 
 
 def checkpoint_name(iteration: int) -> str:

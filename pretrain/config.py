@@ -80,7 +80,12 @@ def get_cfg() -> CN:
     cfg.SOLVER.AMP_DTYPE = "bfloat16"  # bfloat16 | float16 (float16 uses a grad scaler)
 
     cfg.CHECKPOINT = CN()
-    cfg.CHECKPOINT.PERIOD = 1000  # iterations; checkpoints are also written at every epoch end
+    # A resumable checkpoint (weights, SGD momentum, random states) every PERIOD_MINUTES of training
+    # (rank 0's clock), and every PERIOD iterations and at each epoch end when asked; always at the
+    # end and when SLURM stops the job (helpers/preemption.py). 0: not by that measure.
+    cfg.CHECKPOINT.PERIOD_MINUTES = 30.0
+    cfg.CHECKPOINT.PERIOD = 0
+    cfg.CHECKPOINT.EPOCH_END = False
     cfg.CHECKPOINT.KEEP_LAST = 3
 
     cfg.TEST = CN()

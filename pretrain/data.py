@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import datasets, transforms
+from torchvision import transforms
+from torchvision.datasets.folder import default_loader
 
 from pretrain.cifar import CifarSplit, read_cifar
+from pretrain.image_index import ImageIndex, build_index, load_index, save_index
 
 logger = logging.getLogger(__name__)
 
@@ -114,33 +116,37 @@ def unreadable_paths(batch_field: list[str]) -> list[str]:
     return [path for joined in batch_field if joined for path in joined.split("\n")]
 
 
-class RobustImageFolder(datasets.ImageFolder):
-    """An ImageFolder whose unreadable images are logged with their path and replaced by the
-    next readable one; each item carries the paths it replaced (newline-joined, a string so the
-    default collate keeps it) so the trainer can list them across worker processes. Each
-    sample's random augmentation is seeded by ``(seed, epoch, index)``."""
+class RobustImageFolder(Dataset):
+    """An ImageFolder (listed by ``pretrain.image_index``) whose unreadable images are logged
+    with their path and replaced by the next readable one; each item carries the paths it
+    replaced (newline-joined, a string so the default collate keeps it) so the trainer can list
+    them across worker processes. Each sample's random augmentation is seeded by
+    ``(seed, epoch, index)``."""
 
-    def __init__(self, root: Path, transform, seed: int, max_retries: int):
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
-        super().__init__(str(root), transform=transform)
+    def __init__(self, index: ImageIndex, transform, seed: int, max_retries: int):
+        self.index = index
+        self.classes = index.classes
+        self.transform = transform
         self.seed = seed
         self.max_retries = max_retries
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, index = split_key(key)
         unreadable = []
         while True:
-            path, label = self.samples[index]
+            path, label = self.index.path(index), self.index.label(index)
             try:
-                image = self.loader(path)
+                image = default_loader(path)
                 break
             except Exception as error:  # any decoder failure: truncated, corrupt, not an image
                 unreadable.append(path)
                 logger.warning("unreadable image %s (%s); using the next one instead", path, error)
                 if len(unreadable) > self.max_retries:
                     raise RuntimeError(f"{len(unreadable)} unreadable images in a row, the last {path}") from error
-                index = (index + 1) % len(self.samples)
+                index = (index + 1) % len(self.index)
         return seeded(self.transform, image, self.seed, epoch, index), label, "\n".join(unreadable)
 
 
@@ -162,15 +168,30 @@ class CifarDataset(Dataset):
         return seeded(self.transform, image, self.seed, epoch, index), int(self.targets[index]), ""
 
 
-def build_dataset(cfg, train: bool, transform) -> RobustImageFolder | CifarDataset:
+def shared_index(folder: Path, cache: Path | None) -> ImageIndex:
+    """``folder``'s image index: listed once by rank 0 into ``cache`` (or found there from an
+    earlier attempt of the run) and read by every process; without ``cache``, listed here."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    if cache is None:
+        return build_index(folder)
+    if world()[0] == 0 and load_index(cache, folder) is None:
+        save_index(build_index(folder), cache)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return load_index(cache, folder)
+
+
+def build_dataset(cfg, train: bool, transform, index_cache: Path | None = None) -> RobustImageFolder | CifarDataset:
     """The training or validation split named by ``DATA.DATASET``, checked against
-    ``MODEL.NUM_CLASSES``."""
+    ``MODEL.NUM_CLASSES``; an ImageFolder's index is kept under ``index_cache`` when given."""
     if cfg.DATA.DATASET not in DATASETS:
         raise ValueError(f"unknown DATA.DATASET {cfg.DATA.DATASET!r}; choose one of {DATASETS}")
     root = resolve_data_root(cfg)
     if cfg.DATA.DATASET == "imagefolder":
-        dataset = RobustImageFolder(root / (cfg.DATA.TRAIN_DIR if train else cfg.DATA.VAL_DIR), transform,
-                                    cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES)
+        split = cfg.DATA.TRAIN_DIR if train else cfg.DATA.VAL_DIR
+        index = shared_index(root / split, index_cache / ("train" if train else "val") if index_cache else None)
+        dataset = RobustImageFolder(index, transform, cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES)
     else:
         dataset = CifarDataset(read_cifar(root, cfg.DATA.DATASET, train), transform, cfg.SEED)
     if len(dataset.classes) > cfg.MODEL.NUM_CLASSES:
@@ -245,9 +266,10 @@ def per_process_batch(total: int, world_size: int, what: str) -> int:
     return total // world_size
 
 
-def build_train_loader(cfg, pin_memory: bool) -> tuple[Dataset, ResumableDistributedSampler, DataLoader]:
+def build_train_loader(cfg, pin_memory: bool,
+                       index_cache: Path | None = None) -> tuple[Dataset, ResumableDistributedSampler, DataLoader]:
     rank, world_size = world()
-    dataset = build_dataset(cfg, True, train_transform(cfg))
+    dataset = build_dataset(cfg, True, train_transform(cfg), index_cache)
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, cfg.SEED)
     batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size, "SOLVER.BATCH_SIZE")
     if sampler.per_replica < batch:
@@ -257,10 +279,10 @@ def build_train_loader(cfg, pin_memory: bool) -> tuple[Dataset, ResumableDistrib
     return dataset, sampler, loader
 
 
-def build_val_loader(cfg, pin_memory: bool, normalize: bool = True) -> DataLoader:
+def build_val_loader(cfg, pin_memory: bool, normalize: bool = True, index_cache: Path | None = None) -> DataLoader:
     """This process's share of the validation split (see ``val_transform`` for ``normalize``)."""
     rank, world_size = world()
-    dataset = build_dataset(cfg, False, val_transform(cfg, normalize))
+    dataset = build_dataset(cfg, False, val_transform(cfg, normalize), index_cache)
     batch = max(1, math.ceil(cfg.TEST.BATCH_SIZE / world_size))
     return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), world_size, rank),
                       num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,15 +16,22 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from fvcore.common.param_scheduler import (CompositeParamScheduler, CosineParamScheduler,
-                                           LinearParamScheduler, MultiStepParamScheduler, ParamScheduler)
+from fvcore.common.param_scheduler import (
+    CompositeParamScheduler,
+    CosineParamScheduler,
+    LinearParamScheduler,
+    MultiStepParamScheduler,
+    ParamScheduler,
+)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from helpers import preemption
+from helpers.distributed import all_gather_objects, all_reduce_sum, local_device, report_cpus
+from helpers.metrics_file import drop_records_after
 from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.data import build_train_loader, build_val_loader, per_process_batch, unreadable_paths, world
-from pretrain.distributed import all_gather_objects, all_reduce_sum, local_device
 from pretrain.evaluation import classification_errors
 from pretrain.losses import soft_target_cross_entropy
 from pretrain.mix import BatchMixer, build_mixer_from_config
@@ -34,6 +42,7 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("step", "cosine")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 BAD_IMAGES = "bad_images.txt"  # the unreadable training files of a run, one path per line
+IMAGE_INDEX = "image_index"  # the run folder's ImageFolder indexes (pretrain/image_index.py)
 
 
 def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:
@@ -75,9 +84,11 @@ def build_optimizer(cfg, model: torch.nn.Module) -> tuple[torch.optim.SGD, list[
 
 def training_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   mixer: BatchMixer, images: torch.Tensor, labels: torch.Tensor,
-                  amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Mix the batch, then one forward, backward and SGD step; the (detached) loss."""
-    images, targets = mixer(images, labels)
+                  amp_dtype: torch.dtype | None, host_images: torch.Tensor | None = None) -> torch.Tensor:
+    """Mix the batch (``host_images``: the batch before its copy to the GPU, which a mixer
+    may look at without waiting for it), then one forward, backward and SGD step; the
+    (detached) loss."""
+    images, targets = mixer(images, labels, host_images)
     autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     with autocast:
         loss = soft_target_cross_entropy(network(images), targets)
@@ -97,15 +108,22 @@ def mean_and_standard_error(total: float, square_total: float, count: int) -> tu
 
 
 class MetricsWriter:
-    """Rank 0's JSON lines (``metrics.json``) and TensorBoard events; other ranks write nothing."""
+    """Rank 0's JSON lines (``metrics.json``) and TensorBoard events; other ranks write nothing.
+    A run resumed at ``resumed_at`` first forgets what an earlier attempt logged after that
+    iteration (it trains those iterations again)."""
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    def __init__(self, output_dir: Path, enabled: bool, resumed_at: int = 0):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.json_path = output_dir / "metrics.json"
-            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            dropped = drop_records_after(self.json_path, resumed_at)
+            if dropped:
+                logger.info("dropped %d metrics.json records logged after iteration %d by an earlier attempt",
+                            dropped, resumed_at)
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"),
+                                             purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, iteration: int, **values) -> None:
         if not self.enabled:
@@ -137,8 +155,10 @@ class PretrainTrainer:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks its fastest kernels once
 
         pin = self.device.type == "cuda"
-        self.dataset, self.sampler, self.loader = build_train_loader(cfg, pin_memory=pin)
-        self.val_loader = build_val_loader(cfg, pin_memory=pin)
+        report_cpus(cfg.DATA.NUM_WORKERS)
+        index_cache = Path(cfg.OUTPUT_DIR) / IMAGE_INDEX  # the folders' file lists, for every process and attempt
+        self.dataset, self.sampler, self.loader = build_train_loader(cfg, pin_memory=pin, index_cache=index_cache)
+        self.val_loader = build_val_loader(cfg, pin_memory=pin, index_cache=index_cache)
         self.iterations_per_epoch = len(self.loader)
         self.total_iterations = cfg.SOLVER.EPOCHS * self.iterations_per_epoch
         self.max_iterations = min(cfg.SOLVER.MAX_ITER or self.total_iterations, self.total_iterations)
@@ -162,27 +182,33 @@ class PretrainTrainer:
         self.network = torch.compile(network) if cfg.MODEL.COMPILE else network
 
         self.checkpointer = ckpt.Checkpointer(self.output_dir, cfg.CHECKPOINT.KEEP_LAST)
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0)
         self.iteration = 0
         self.best_top1_error = math.inf
         self.unreadable: set[str] = set()  # training files this process found unreadable
         self.replacements = 0  # how often this process replaced one (again in every epoch)
         self.last_checkpoint: Path | None = None
+        self.evaluation_due = False  # saved on a stop signal before the evaluation of the epoch it ended
+        self.last_save = time.monotonic()
         if resume:
             self.resume()
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.rank == 0, resumed_at=self.iteration)
+        self.stop = preemption.StopAgreement()
+        self.show_progress = self.rank == 0 and sys.stderr.isatty()  # no progress bars in a job's log file
 
     # ------------------------------------------------------------------------------ training
     def train(self) -> dict:
         """Train to ``SOLVER.MAX_ITER`` (or the end of ``SOLVER.EPOCHS``); the last evaluation."""
         losses: list[tuple[int, torch.Tensor]] = []  # since the last log line, with its wall and data-wait seconds
         seconds = waited = 0.0
-        result = {}
+        # owed by an attempt that saved on a stop signal, or killed at the end before its evaluation
+        owed = self.evaluation_due or self.iteration >= self.max_iterations
+        result = self.evaluate_and_keep_best() if owed else {}
         while self.iteration < self.max_iterations:
             epoch, start = divmod(self.iteration, self.iterations_per_epoch)
             self.sampler.set_epoch(epoch, start * self.batch_per_process)
             self.network.train()
             progress = tqdm(total=self.iterations_per_epoch, initial=start, desc=f"epoch {epoch}",
-                            disable=self.rank != 0, dynamic_ncols=True, leave=False)
+                            disable=not self.show_progress, dynamic_ncols=True, leave=False)
             tick = fetch_start = time.perf_counter()  # evaluation time is not training time
             for images, labels, unreadable in self.loader:
                 waited += time.perf_counter() - fetch_start
@@ -199,9 +225,13 @@ class PretrainTrainer:
                 if self.iteration % self.cfg.LOG_PERIOD == 0:
                     self._log_window(losses, seconds, waited, progress)
                     losses, waited, seconds = [], 0.0, 0.0
+                stop_signal, time_due = self.stop.poll(checkpoint_due=self._checkpoint_time())
+                if stop_signal and self.iteration < self.max_iterations:  # the last one ends the run anyway
+                    self._save_and_stop(stop_signal, losses, seconds, waited, progress)
                 period = self.cfg.CHECKPOINT.PERIOD
                 epoch_done = self.iteration % self.iterations_per_epoch == 0
-                if (period and self.iteration % period == 0) or epoch_done or self.iteration == self.max_iterations:
+                if (time_due or (period and self.iteration % period == 0) or (epoch_done and self.cfg.CHECKPOINT.EPOCH_END)
+                        or self.iteration == self.max_iterations):
                     self._check_finite(losses)
                     self.save_checkpoint()
                 if epoch_done or self.iteration >= self.max_iterations:
@@ -213,11 +243,12 @@ class PretrainTrainer:
             eval_period = self.cfg.TEST.EVAL_PERIOD
             if last or (epoch_done and eval_period and (self.iteration // self.iterations_per_epoch) % eval_period == 0):
                 result = self.evaluate_and_keep_best()
+        self.stop.close()
         final = self._state()
         bad = final["metrics"]["unreadable_train_images"]
         replacements = sum(final["metrics"]["train_image_replacements"])
         if self.rank == 0:
-            ckpt.save(self.output_dir / ckpt.FINAL_NAME, final)
+            ckpt.save(self.output_dir / ckpt.FINAL_NAME, ckpt.weights_only(final))
             self._write_bad_images(bad)
             logger.info("training done at iteration %d; %d unreadable training files%s, replaced %d times",
                         self.iteration, len(bad), f" (listed in {self.output_dir / BAD_IMAGES})" if bad else "",
@@ -226,12 +257,39 @@ class PretrainTrainer:
         self.metrics.close()
         return {**result, "bad_train_images": len(bad), "train_image_replacements": replacements}
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+    def _step(self, host_images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = host_images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         lr = self.base_lr * self.schedule(self.iteration / self.total_iterations)
         for group, factor in zip(self.optimizer.param_groups, self.lr_factors):
             group["lr"] = lr * factor
-        return training_step(self.network, self.optimizer, self.scaler, self.mixer, images, labels, self.amp_dtype)
+        return training_step(self.network, self.optimizer, self.scaler, self.mixer, images, labels, self.amp_dtype,
+                             host_images)
+
+    def _save_and_stop(self, signal_name: str, losses, seconds: float, waited: float, progress) -> None:
+        """The cluster takes the machines back: log the iterations since the last log line, save
+        here (noting an evaluation this epoch's end still owes), and end every process together."""
+        if losses:
+            self._log_window(losses, seconds, waited, progress)
+        self.save_checkpoint(evaluation_due=self._evaluation_due_now())
+        self.stop.barrier()
+        progress.close()
+        self.metrics.close()
+        stopped = preemption.Preempted(self.last_checkpoint, signal_name)
+        if self.rank == 0:
+            logger.warning("stopped at iteration %d on %s", self.iteration, stopped)
+        raise stopped
+
+    def _checkpoint_time(self) -> bool:
+        """Whether ``CHECKPOINT.PERIOD_MINUTES`` have passed since the last checkpoint (rank 0's
+        clock decides, through the stop agreement, so that every process saves together)."""
+        minutes = self.cfg.CHECKPOINT.PERIOD_MINUTES
+        return minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
+
+    def _evaluation_due_now(self) -> bool:
+        """Whether the epoch that ends at this iteration is evaluated (``TEST.EVAL_PERIOD``)."""
+        epochs, within = divmod(self.iteration, self.iterations_per_epoch)
+        period = self.cfg.TEST.EVAL_PERIOD
+        return within == 0 and bool(period) and epochs % period == 0
 
     def _check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
         """Stop every process together when any saw a NaN or infinite loss since the last
@@ -262,7 +320,11 @@ class PretrainTrainer:
                       epoch=self.iteration / self.iterations_per_epoch,
                       iterations_per_epoch=self.iterations_per_epoch,
                       window_iterations=len(losses), window_seconds=seconds)
-        progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.4g}", ips=f"{images_per_second:.0f}")
+        if self.show_progress:
+            progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.4g}", ips=f"{images_per_second:.0f}")
+        elif self.rank == 0:  # a log line per window instead of a bar redrawn in a log file
+            logger.info("epoch %.2f  iteration %d/%d  loss %.4f  lr %.4g  %.0f images/s  data %.3f s/it", values["epoch"],
+                        self.iteration, self.max_iterations, mean, values["lr"], images_per_second, values["data_time"])
         self.metrics.write(self.iteration, **values)
 
     # ---------------------------------------------------------------------------- evaluation
@@ -292,7 +354,7 @@ class PretrainTrainer:
         return result
 
     # --------------------------------------------------------------------------- checkpoints
-    def _state(self) -> dict:
+    def _state(self, evaluation_due: bool = False) -> dict:
         """Everything needed to continue exactly where this iteration ends (a collective call:
         every process contributes its own mixer random state)."""
         rng = {"torch": all_gather_objects(torch.get_rng_state()),
@@ -307,11 +369,13 @@ class PretrainTrainer:
                 "sampler": {"epoch": self.iteration // self.iterations_per_epoch,
                             "position": (self.iteration % self.iterations_per_epoch) * self.batch_per_process},
                 "rng": rng, "cfg": self.cfg.dump(), "world_size": self.world_size,
+                "evaluation_due": evaluation_due,
                 "metrics": {"best_top1_error": self.best_top1_error, "unreadable_train_images": unreadable,
                             "train_image_replacements": all_gather_objects(self.replacements)}}
 
-    def save_checkpoint(self) -> None:
-        state = self._state()
+    def save_checkpoint(self, evaluation_due: bool = False) -> None:
+        self.last_save = time.monotonic()
+        state = self._state(evaluation_due)
         if self.rank == 0:
             self.last_checkpoint = self.checkpointer.save(ckpt.checkpoint_name(self.iteration), state)
             self._write_bad_images(state["metrics"]["unreadable_train_images"])
@@ -349,6 +413,7 @@ class PretrainTrainer:
         self.best_top1_error = state["metrics"]["best_top1_error"]
         self.unreadable = set(state["metrics"]["unreadable_train_images"])
         self.replacements = state["metrics"]["train_image_replacements"][self.rank]
+        self.evaluation_due = state.get("evaluation_due", False)
         self.last_checkpoint = path
         if self.rank == 0:
             logger.info("resumed from %s at iteration %d", path, self.iteration)

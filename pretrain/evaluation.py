@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helpers.distributed import all_reduce_sum, local_device
 from helpers.weights import ResNetSource, WeightsError, read_classifier_state
 from pretrain.cli import UsageError
 from pretrain.data import build_val_loader, unreadable_paths
-from pretrain.distributed import all_reduce_sum, local_device
 from pretrain.models import build_model
 
 EVAL_RESULTS = "eval_results.json"  # what --eval-only writes into OUTPUT_DIR (Detectron2's tools use the name too)

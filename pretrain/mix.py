@@ -4,7 +4,10 @@ Every mixer is a callable with one convention, ``images, targets = mixer(images,
 ``images`` is ``B x C x H x W`` (float or uint8, any device), ``labels`` are class ids ``(B,)``
 or soft targets ``(B, K)``, and ``targets`` come back as ``(B, K)`` float rows summing to 1.
 Mixers see the normalised training tensors; those that need pixel values (SaliencyMix) take
-the normalisation ``mean`` and ``std``.
+the normalisation ``mean`` and ``std``. A trainer that copies each batch to the GPU may also
+pass the batch as it was on the host (``host_images``): a mixer that must look at the images
+to place its box (SaliencyMix with one box per batch) reads them there instead of waiting for
+the GPU.
 """
 from __future__ import annotations
 
@@ -158,13 +161,15 @@ class BatchMixer:
         self.generator = generator
         self.inplace = inplace
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 host_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         targets = self._targets(images, labels)
         if images.shape[0] == 0 or (self.prob < 1.0 and not self._uniform() < self.prob):
             return images, targets
-        return self.mix(images if self.inplace else images.clone(), targets)
+        return self.mix(images if self.inplace else images.clone(), targets, host_images)
 
-    def mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, images: torch.Tensor, targets: torch.Tensor,
+            host_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def _targets(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -181,8 +186,9 @@ class BatchMixer:
         values = torch.rand(size or (1,), generator=self.generator)
         return values if size else float(values)
 
-    def _permutation(self, batch: int, device) -> torch.Tensor:
-        return to_device(torch.randperm(batch, generator=self.generator), device)
+    def _permutation(self, batch: int) -> torch.Tensor:
+        """Which sample each one takes its patch (or blend) from, drawn on the host."""
+        return torch.randperm(batch, generator=self.generator)
 
     def _beta(self) -> float:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
@@ -192,7 +198,7 @@ class BatchMixer:
 class NoMix(BatchMixer):
     """The baseline: images untouched (never copied), labels as (smoothed) one-hot targets."""
 
-    def __call__(self, images, labels):
+    def __call__(self, images, labels, host_images=None):
         return images, self._targets(images, labels)
 
 
@@ -208,7 +214,7 @@ class Cutout(BatchMixer):
             raise ValueError(f"cutout size must lie in (0, 1] of the shorter side, got {size!r}")
         self.size = size
 
-    def mix(self, images, targets):
+    def mix(self, images, targets, host_images=None):
         batch, _, height, width = images.shape
         side = max(1, int(round(self.size * min(height, width))))
         centres = (self._uniform(batch, 2) * torch.tensor([height, width])).long()
@@ -220,9 +226,9 @@ class Cutout(BatchMixer):
 class Mixup(BatchMixer):
     """Zhang et al. 2018: a convex blend of two images, ``lam ~ Beta(alpha, alpha)``."""
 
-    def mix(self, images, targets):
+    def mix(self, images, targets, host_images=None):
         lam = self._beta()
-        permutation = self._permutation(images.shape[0], images.device)
+        permutation = to_device(self._permutation(images.shape[0]), images.device)
         if images.is_floating_point():
             blended = images.mul(lam).add_(images[permutation], alpha=1 - lam)
         else:
@@ -235,10 +241,10 @@ class CutMix(BatchMixer):
     """Yun et al. 2019: paste a random box (side ``sqrt(1 - lam)``, centre uniform, one box for
     the batch) from a permuted image; ``lam`` recomputed from the clipped area."""
 
-    def mix(self, images, targets):
+    def mix(self, images, targets, host_images=None):
         batch, _, height, width = images.shape
         lam = self._beta()
-        permutation = self._permutation(batch, images.device)
+        permutation = to_device(self._permutation(batch), images.device)
         centre = (self._uniform(1, 2) * torch.tensor([height, width])).long()
         box = centred_boxes(centre, cut_size(lam, height, width), height, width)
         top, left, bottom, right = box[0].tolist()
@@ -311,21 +317,23 @@ class SaliencyMix(BatchMixer):
         mean, std = self._normalisation_on[images.device]
         return images.float() * std + mean
 
-    def mix(self, images, targets):
+    def mix(self, images, targets, host_images=None):
         lam = self._beta()
-        permutation = self._permutation(images.shape[0], images.device)
+        order = self._permutation(images.shape[0])
+        permutation = to_device(order, images.device)
         cut = cut_size(lam, *images.shape[2:])
         if self.box == "batch":
-            return self._mix_batch_box(images, targets, permutation, cut)
+            return self._mix_batch_box(images, targets, permutation, cut, order, host_images)
         return self._mix_sample_boxes(images, targets, permutation, cut)
 
-    def _mix_batch_box(self, images, targets, permutation, cut):
-        """One box, placed by the saliency of the first source image, for every sample. Its
-        centres are read back to the host once, the step's only wait for the GPU; the box is
-        then worked out in CPU tensors and pasted by slicing."""
+    def _mix_batch_box(self, images, targets, permutation, cut, order, host_images):
+        """One box, placed by the saliency of the first source image, for every sample. With
+        ``host_images`` that image's saliency is found on the host and the step never waits
+        for the GPU; otherwise its centres are read back from the images' device once. The box
+        is then worked out in CPU tensors and pasted by slicing."""
         height, width = images.shape[2:]
-        first = permutation[:1]
-        centres = self._centres(images, first, torch.zeros_like(first)).cpu()
+        seen, first = (host_images, order[:1]) if host_images is not None else (images, permutation[:1])
+        centres = self._centres(seen, first, torch.zeros_like(first)).cpu()
         source_box, target_box = self._boxes(centres, cut, height, width)
         top, left, bottom, right = source_box[0].tolist()
         to_top, to_left, to_bottom, to_right = target_box[0].tolist()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pretrain.distributed import all_reduce_sum
+from helpers.distributed import all_reduce_sum
 
 # ImageNet ResNet-50 top-1 accuracy (%) under FGSM, as the paper reports it.
 PAPER_FGSM_ACCURACY = {"none": 8.2, "cutout": 11.5, "mixup": 24.4, "cutmix": 31.0, "saliencymix": 32.96}

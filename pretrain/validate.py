@@ -2,6 +2,7 @@
 read is given a value it can use, and the data it names exists."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -51,9 +52,32 @@ def check_data(cfg, train: bool) -> None:
             folder = root / cfg.DATA[key.split(".")[1]]
             if not folder.is_dir():
                 raise UsageError(f"{key}: image folder {folder} does not exist (under DATA.ROOT {root})")
+        if train:
+            check_same_classes(root / cfg.DATA.TRAIN_DIR, root / cfg.DATA.VAL_DIR)
         return
     layout = LAYOUTS[cfg.DATA.DATASET]
     candidates = (root / layout.folder / layout.meta_file, root / layout.meta_file, root / layout.archive)
     if not any(Path(path).is_file() for path in candidates):
         raise UsageError(f"DATA.ROOT {root} holds no {cfg.DATA.DATASET}: expected {root / layout.folder}/ or "
                          f"{root / layout.archive} (nothing is downloaded)")
+
+
+def class_folders(folder: Path) -> list[str]:
+    """An ImageFolder's classes in label order (torchvision's ``find_classes``: sorted folder names)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def check_same_classes(train: Path, val: Path) -> None:
+    """Validation labels mean what training labels mean: a class folder missing from one side
+    would shift every later label by one, and the error would be measured against wrong labels."""
+    trained, validated = class_folders(train), class_folders(val)
+    if trained == validated:
+        return
+    missing = sorted(set(trained) - set(validated))
+    extra = sorted(set(validated) - set(trained))
+
+    def listing(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
+
+    raise UsageError(f"the class folders of {val} differ from those of {train}, so their labels would not match: "
+                     f"missing from validation: {listing(missing)}; not in training: {listing(extra)}")

@@ -26,9 +26,9 @@ def resources(nodes: int, gpus_per_node: int, cpus_per_node: int, mem_gb: int, t
     node.CPUS_PER_NODE = cpus_per_node
     node.MEM_GB = mem_gb  # per node
     node.TIME_MINUTES = time_minutes  # SLURM time limit; a job that reaches it is requeued and resumes
-    node.PARTITION = ""
-    node.ACCOUNT = ""
-    node.QOS = ""
+    node.PARTITION = ""  # empty: RESOURCES.PARTITION
+    node.ACCOUNT = ""  # empty: RESOURCES.ACCOUNT
+    node.QOS = ""  # empty: RESOURCES.QOS
     node.SBATCH = []  # extra sbatch parameters as "key=value" (e.g. "constraint=a100"), or "flag"
     return node
 
@@ -76,6 +76,11 @@ def get_study_cfg() -> CN:
     cfg.COST.ENABLED = True
 
     cfg.RESOURCES = CN()
+    # Where every kind's jobs go unless its own section says otherwise (a site's GPU partition,
+    # its account and quality of service; empty: the cluster's default).
+    cfg.RESOURCES.PARTITION = ""
+    cfg.RESOURCES.ACCOUNT = ""
+    cfg.RESOURCES.QOS = ""
     cfg.RESOURCES.PRETRAIN = resources(1, 8, 64, 480, 24 * 60)
     cfg.RESOURCES.VERIFY = resources(1, 1, 10, 64, 60)  # an arm's weights file on the validation set
     cfg.RESOURCES.EXPORT = resources(1, 0, 4, 32, 30)

@@ -1,6 +1,8 @@
 """Running one stage: its tool as a child process (with ``--resume`` when its run folder holds a
 checkpoint), output appended to the stage's log, and the attempt written to its record. The
 same code runs under both executors: in the study runner's process (local) or inside a SLURM job.
+A stop signal forwarded to the running tool (``forward_to_tool``) makes a trainer save and exit
+with ``RESUME_EXIT_STATUS`` (helpers/preemption.py).
 """
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.preemption import RESUME_EXIT_STATUS
 from helpers.weights import file_sha256
 from study_runner import records
 from study_runner.stages import REPO, Stage
@@ -22,9 +27,44 @@ STOP_GRACE_SECONDS = 30
 
 def _child_setup() -> None:
     """In the child, before the tool starts: ignore SIGUSR2, SLURM's early warning of a time
-    limit or preemption, which is the job's to act on (it requeues the job; the tool keeps
-    training until the job ends and resumes from its checkpoint)."""
+    limit or preemption, which reaches every process of the job. A trainer acts on it (saves
+    and exits, helpers/preemption.py); any other tool goes on until the job requeues."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@dataclass
+class _RunningTool:
+    process: subprocess.Popen
+    output: threading.Thread  # copies its output; ends when the tool and every process it started have
+    forwarded: str | None = None  # the first stop signal passed on to it
+
+
+_running: _RunningTool | None = None  # the tool this process runs now
+
+
+def forward_to_tool(signum: int, wait_seconds: float = 0.0) -> int | None:
+    """Pass ``signum`` to the running tool and every process it started, then wait up to
+    ``wait_seconds`` for them to end: the tool's exit status, or None while it runs (or when
+    none runs). Safe in a signal handler: it never waits on the tool's process itself."""
+    tool = _running
+    if tool is None:
+        return None
+    tool.forwarded = tool.forwarded or signal.Signals(signum).name
+    try:
+        os.killpg(tool.process.pid, signum)
+    except ProcessLookupError:
+        pass
+    tool.output.join(wait_seconds)
+    return tool.process.poll()
+
+
+def _copy_output(source, stream, echo: bool) -> None:
+    for chunk in iter(lambda: source.read1(65536), b""):
+        stream.write(chunk)
+        stream.flush()
+        if echo:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -41,25 +81,29 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def run_command(argv: list[str], log: Path, echo: bool) -> int:
+def run_command(argv: list[str], log: Path, echo: bool, forwarded: list[str] | None = None) -> int:
     """Run ``argv`` from the repository root, appending its output to ``log`` (and to our
-    stdout with ``echo``). Any exception here (a signal's handler included) ends the tool."""
+    stdout with ``echo``). Any exception here (a signal's handler included) ends the tool.
+    ``forwarded`` receives the stop signal passed on to the tool, if one was."""
+    global _running
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as stream:
         stream.write(f"\n==== {records.now()} on {socket.gethostname()}\n$ {shlex.join(argv)}\n".encode())
         stream.flush()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                                    start_new_session=True, preexec_fn=_child_setup)
+        output = threading.Thread(target=_copy_output, args=(process.stdout, stream, echo), daemon=True)
+        output.start()
+        _running = _RunningTool(process, output)
         try:
-            for chunk in iter(lambda: process.stdout.read1(65536), b""):
-                stream.write(chunk)
-                stream.flush()
-                if echo:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.buffer.flush()
+            output.join()  # a signal handler may wait on it too (forward_to_tool)
             return process.wait()
         finally:
             stop(process)
+            output.join()
+            if forwarded is not None and _running.forwarded:
+                forwarded.append(_running.forwarded)
+            _running = None
 
 
 def weights_used(stage: Stage) -> dict | None:
@@ -87,14 +131,17 @@ def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str
                               attempts=previous.get("attempts", 0) + 1, weights=weights_used(stage))
     start = time.monotonic()
     total = previous.get("wall_seconds", 0.0)
+    signals: list[str] = []  # the stop signal the tool got, once it has ended
     try:
-        status = run_command(argv, log, echo)
+        status = run_command(argv, log, echo, signals)
     except BaseException as error:  # a signal's handler (Ctrl-C, SLURM's requeue) stopped us
         if recording:
-            records.update_record(output, stage.name, ended_at=records.now(), interrupted=type(error).__name__,
+            records.update_record(output, stage.name, ended_at=records.now(),
+                                  interrupted=signals[0] if signals else type(error).__name__,
                                   wall_seconds=total + time.monotonic() - start)
         raise
     if recording:
+        saved = {"interrupted": signals[0] if signals else "a stop signal"} if status == RESUME_EXIT_STATUS else {}
         records.update_record(output, stage.name, ended_at=records.now(), exit_status=status,
-                              wall_seconds=total + time.monotonic() - start)
+                              wall_seconds=total + time.monotonic() - start, **saved)
     return status

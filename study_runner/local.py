@@ -3,8 +3,6 @@ skipped, a stage whose run folder holds a checkpoint resumes, and a failed stage
 stages that need it; the runner exits non-zero at the end if any stage failed."""
 from __future__ import annotations
 
-import fcntl
-import os
 import shlex
 import signal
 import time
@@ -12,33 +10,12 @@ from pathlib import Path
 
 from study_runner import records
 from study_runner.execute import run_stage
+from study_runner.lock import hold_lock
 from study_runner.stages import Stage
-
-LOCK = "study.lock"
-
-
-class StudyBusy(RuntimeError):
-    """Another runner holds the study folder."""
 
 
 def _raise_on(signum, _frame):
     raise SystemExit(128 + signum)
-
-
-def hold_lock(output: Path):
-    """An exclusive lock on the study folder for the life of this process: two local runners
-    on one study would run the same stages twice."""
-    output.mkdir(parents=True, exist_ok=True)
-    handle = open(output / LOCK, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise StudyBusy(f"another study.py is running the study in {output} ({handle.read().strip()})") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def run_local(stages: list[Stage], output: Path) -> int:

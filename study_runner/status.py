@@ -4,7 +4,7 @@
     running      its process is alive (local) or its job runs (SLURM)
     queued       its job waits in the SLURM queue (for resources or for the stages it needs)
     failed       its last attempt ended with a non-zero exit status, or without its output
-    interrupted  its last attempt was stopped (a signal, a killed or cancelled job) before it ended
+    interrupted  its last attempt was stopped (a signal, a killed, requeued or cancelled job) before it ended
     cancelled    its job left the queue without starting (scancel, or a stage it needs failed)
     pending      never started
 """
@@ -33,7 +33,9 @@ def process_alive(pid: int) -> bool:
 def stage_state(stage: Stage, record: dict, queue: dict[str, str]) -> str:
     """One of the states above; ``queue`` maps live SLURM job ids to their state."""
     if record.get("executor") == "slurm" and record.get("job_id") in queue:
-        return "running" if queue[record["job_id"]] in RUNNING_STATES else "queued"
+        # a job runs stages one after another (a pretraining, then its export): this one runs once it has started
+        started = (record.get("started_at") or "") >= record.get("submitted_at", "")
+        return "running" if queue[record["job_id"]] in RUNNING_STATES and started else "queued"
     open_attempt = bool(record.get("started_at")) and not record.get("ended_at")
     if (open_attempt and record.get("executor") == "local" and record.get("host") == socket.gethostname()
             and process_alive(record["pid"])):
@@ -42,6 +44,8 @@ def stage_state(stage: Stage, record: dict, queue: dict[str, str]) -> str:
         return "done"
     if record.get("submitted_at", "") > (record.get("started_at") or ""):
         return "cancelled"
+    if record.get("interrupted"):  # a stop signal (the tool saved first), a kill, a requeue
+        return "interrupted"
     if record.get("exit_status") is not None:
         return "failed"
     return "interrupted" if record else "pending"

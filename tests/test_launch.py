@@ -1,5 +1,5 @@
 """Where a process sits in a job its launcher started: torchrun's variables, or a SLURM step's."""
-from pretrain.distributed import Placement, launched_placement, rendezvous_port, slurm_placement
+from helpers.distributed import Placement, launched_placement, rendezvous_port, slurm_placement
 
 STEP = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
         "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "MASTER_ADDR": "node01"}

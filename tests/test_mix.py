@@ -105,7 +105,7 @@ def fix_draws(monkeypatch, mixer, lam: float | None = None, permutation=None):
         monkeypatch.setattr(mixer, "_beta", lambda: lam)
     if permutation is not None:
         permutation = torch.as_tensor(permutation)
-        monkeypatch.setattr(mixer, "_permutation", lambda batch, device: permutation.to(device))
+        monkeypatch.setattr(mixer, "_permutation", lambda batch: permutation)
 
 
 def derangement(batch: int, shift: int = 3) -> torch.Tensor:
@@ -238,7 +238,7 @@ def replayed_draws(name, options, seed):
     """The ``lam`` and permutation a fresh mixer with ``seed`` draws first."""
     twin = make(name, options, seed=seed)
     lam = twin._beta()
-    return lam, twin._permutation(B, "cpu")
+    return lam, twin._permutation(B)
 
 
 # --------------------------------------------------------------------- 1. where pixels go
@@ -340,7 +340,7 @@ def test_mixup_blends_images_and_targets_with_drawn_lam(seed):
     twin.generator.set_state(mixer.generator.get_state())
     out, targets = mixer(images, LABELS)
     lam = twin._beta()
-    permutation = twin._permutation(B, "cpu")
+    permutation = twin._permutation(B)
     torch.testing.assert_close(out, lam * images + (1 - lam) * images[permutation])
     torch.testing.assert_close(targets, mixed_one_hot(LABELS, permutation, [1 - lam] * B))
     assert 0 < lam < 1
@@ -815,22 +815,24 @@ def test_sync_counter_sees_each_kind_of_sync():
     ("saliencymix", {"box": "sample", "strategy": "center2center"}),
     ("saliencymix", {"box": "batch", "saliency_on": "official"}),
 ], ids=mixer_id)
-def test_host_waits_for_the_device_at_most_once(entry, labels_on):
+@pytest.mark.parametrize("given_host_batch", [False, True], ids=["device_only", "host_batch_too"])
+def test_host_waits_for_the_device_at_most_once(entry, labels_on, given_host_batch):
     """On a GPU the host must not wait for the device inside a mixer, as ``.item()``, a blocking
     upload and the like make it: counted on a stand-in device (a CPU cannot time them), no
     mixer syncs, but SaliencyMix box="batch", which reads its box's centres back once (not for
-    center2center, which needs no saliency). Class ids already on the device are not
-    range-checked (that would read them back). The results are those of a CPU run; the saliency
-    maps count too."""
+    center2center, which needs no saliency) unless the trainer also hands it the batch as it
+    was on the host: then none at all. Class ids already on the device are not range-checked
+    (that would read them back). The results are those of a CPU run; the saliency maps count too."""
     name, options = entry
     extra = {"mean": MEAN, "std": STD} if name == "saliencymix" else {}
     images = tagged_images()
     expected = make(name, options, seed=3, **extra)(images, LABELS)
     with SyncCounter() as counter:
         labels = counter.on_device(LABELS) if labels_on == "device" else LABELS
-        out = make(name, options, seed=3, **extra)(counter.on_device(images), labels)
+        out = make(name, options, seed=3, **extra)(counter.on_device(images), labels,
+                                                   images.clone() if given_host_batch else None)
     for got, want in zip(out, expected):
         assert torch.equal(counter.on_host(got), want)
     syncs = counter.syncs
     reads_box_back = name == "saliencymix" and options["box"] == "batch" and options.get("strategy") != "center2center"
-    assert len(syncs) == int(reads_box_back), syncs
+    assert len(syncs) == int(reads_box_back and not given_host_batch), syncs

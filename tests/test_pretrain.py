@@ -14,12 +14,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
+from pretrain.cli import UsageError
 from pretrain.config import get_cfg
 from pretrain.data import RobustImageFolder, ResumableDistributedSampler, ShardSampler, train_transform
-from pretrain.engine import PretrainTrainer, build_lr_schedule, mean_and_standard_error
+from pretrain.engine import IMAGE_INDEX, PretrainTrainer, build_lr_schedule, mean_and_standard_error
+from pretrain.image_index import build_index, load_index
+from pretrain.validate import check_pretrain_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "pretrain").glob("r*.yaml"))
@@ -50,7 +54,8 @@ def tiny_cfg(root: Path, output: Path, config: Path = REPO / "configs/pretrain/r
     settings = {"DATA.ROOT": str(root), "OUTPUT_DIR": str(output), "MODEL.ARCH": arch,
                 "MODEL.NUM_CLASSES": CLASSES, "DATA.IMAGE_SIZE": 32, "DATA.VAL_RESIZE": 36,
                 "SOLVER.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8, "SOLVER.EPOCHS": 2, "SOLVER.STEP_EPOCHS": (1,),
-                "DATA.NUM_WORKERS": 0, "LOG_PERIOD": 1, "CHECKPOINT.PERIOD": 3, **overrides}
+                "DATA.NUM_WORKERS": 0, "LOG_PERIOD": 1, "CHECKPOINT.PERIOD": 3, "CHECKPOINT.EPOCH_END": True,
+                **overrides}
     cfg.merge_from_list([item for pair in settings.items() for item in pair])
     return cfg
 
@@ -59,7 +64,7 @@ def cli_overrides(root: Path, output: Path) -> list[str]:
     return ["DATA.ROOT", str(root), "OUTPUT_DIR", str(output), "MODEL.ARCH", "resnet18", "MODEL.NUM_CLASSES",
             str(CLASSES), "DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36", "SOLVER.BATCH_SIZE", "8",
             "TEST.BATCH_SIZE", "8", "SOLVER.EPOCHS", "2", "SOLVER.STEP_EPOCHS", "(1,)", "DATA.NUM_WORKERS", "0",
-            "LOG_PERIOD", "2", "CHECKPOINT.PERIOD", "3"]
+            "LOG_PERIOD", "2", "CHECKPOINT.PERIOD", "3", "CHECKPOINT.EPOCH_END", "True"]
 
 
 def read_metrics(output: Path) -> list[dict]:
@@ -111,19 +116,20 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_killed_mid_epoch_and_resumed_ends_with_identical_weights(imagenet, tmp_path, workers):
+def test_killed_mid_epoch_and_resumed_ends_with_identical_weights_and_metrics(imagenet, tmp_path, workers):
     options = {"DATA.NUM_WORKERS": workers, "MIX.BOX": "sample"}
     uninterrupted = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "a", **options))
     uninterrupted.train()
 
-    def kill_at_seven(trainer):
-        if trainer.iteration == 7:
+    def kill_at_eight(trainer):
+        if trainer.iteration == 8:
             raise Killed
 
     interrupted = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "b", **options))
-    interrupted.after_step.append(kill_at_seven)
+    interrupted.after_step.append(kill_at_eight)
     with pytest.raises(Killed):
         interrupted.train()
+    assert read_metrics(tmp_path / "b")[-1]["iteration"] == 7  # logged after the checkpoint at 6
     resumed = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "b", **options), resume=True)
     assert resumed.iteration == 6  # the periodic checkpoint in the middle of epoch 1
     resumed.train()
@@ -131,17 +137,54 @@ def test_killed_mid_epoch_and_resumed_ends_with_identical_weights(imagenet, tmp_
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
     assert resumed.optimizer.state_dict()["state"].keys() == uninterrupted.optimizer.state_dict()["state"].keys()
+    # the records the kill left after the checkpoint are logged once, by the resumed run: the cost
+    # report and the convergence checks read what an uninterrupted run would have written
+    timing = {"images_per_second", "data_time", "window_seconds"}
+    untimed = [[{k: v for k, v in row.items() if k not in timing} for row in read_metrics(tmp_path / folder)]
+               for folder in ("a", "b")]
+    assert untimed[0] == untimed[1]
+
+
+def test_checkpoints_follow_the_clock_and_best_and_final_hold_weights_only(imagenet, tmp_path):
+    cfg = tiny_cfg(imagenet, tmp_path, **{"CHECKPOINT.PERIOD": 0, "CHECKPOINT.EPOCH_END": False,
+                                          "CHECKPOINT.PERIOD_MINUTES": 1e-6, "CHECKPOINT.KEEP_LAST": 10})
+    PretrainTrainer(cfg).train()
+    assert len(list(tmp_path.glob("checkpoint_*.pth"))) == 8  # each iteration: a microsecond has passed
+    hourly = tmp_path / "hourly"
+    PretrainTrainer(tiny_cfg(imagenet, hourly, **{"CHECKPOINT.PERIOD": 0, "CHECKPOINT.EPOCH_END": False,
+                                                  "CHECKPOINT.PERIOD_MINUTES": 60.0})).train()
+    assert [path.name for path in hourly.glob("checkpoint_*.pth")] == [ckpt.checkpoint_name(8)]  # the end only
+    for name in (ckpt.BEST_NAME, ckpt.FINAL_NAME):
+        state = ckpt.load(tmp_path / name)
+        assert "optimizer" not in state and "scaler" not in state and state["iteration"] > 0
 
 
 def test_corrupt_images_are_counted_and_replaced(imagenet, tmp_path, caplog):
     result = PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.EPOCHS": 1, "SOLVER.SCHEDULE": "cosine"})).train()
     assert result["bad_train_images"] == 1  # seen once per epoch
     assert "broken.jpg" in caplog.text
-    dataset = RobustImageFolder(imagenet / "train", train_transform(tiny_cfg(imagenet, tmp_path)), 0, 3)
-    broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.jpg"))
+    index = build_index(imagenet / "train")
+    dataset = RobustImageFolder(index, train_transform(tiny_cfg(imagenet, tmp_path)), 0, 3)
+    broken = next(i for i in range(len(index)) if index.path(i).endswith("broken.jpg"))
     image, label, unreadable = dataset[broken]
-    assert unreadable == dataset.samples[broken][0] and image.shape == (3, 32, 32)
-    assert label == dataset.samples[broken + 1][1]
+    assert unreadable == index.path(broken) and image.shape == (3, 32, 32)
+    assert label == index.label(broken + 1)
+
+
+def test_the_image_index_lists_what_imagefolder_lists_once_per_run(imagenet, tmp_path):
+    reference = torchvision.datasets.ImageFolder(str(imagenet / "train"))
+    index = build_index(imagenet / "train")
+    assert index.classes == reference.classes and index.labels.dtype == np.int16
+    assert [(index.path(i), index.label(i)) for i in range(len(index))] == reference.samples
+    trainer = PretrainTrainer(tiny_cfg(imagenet, tmp_path))
+    cache = tmp_path / IMAGE_INDEX / "train"
+    assert isinstance(trainer.dataset.index.paths, np.memmap) and len(trainer.dataset) == len(reference)
+    (imagenet / "train" / "n00000000" / "added.jpg").write_bytes((imagenet / "train" / "n00000000" / "0.jpg").read_bytes())
+    try:  # a later attempt reads the run's index: the folder is not walked again
+        assert len(load_index(cache, imagenet / "train")) == len(reference)
+        assert load_index(cache, imagenet / "other") is None
+    finally:
+        (imagenet / "train" / "n00000000" / "added.jpg").unlink()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(imagenet, tmp_path):
@@ -202,6 +245,15 @@ def test_bad_configuration_values_are_named(imagenet, tmp_path, monkeypatch):
         PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"DATA.ROOT": str(tmp_path / "missing")}))
 
 
+def test_a_validation_folder_whose_classes_differ_from_trainings_is_refused(imagenet, tmp_path):
+    root = tmp_path / "imagenet"
+    shutil.copytree(imagenet, root)
+    shutil.rmtree(root / "val" / "n00000001")  # every later validation label would shift by one
+    with pytest.raises(UsageError, match=r"missing from validation: n00000001; not in training: none"):
+        check_pretrain_cfg(tiny_cfg(root, tmp_path / "run"))
+    check_pretrain_cfg(tiny_cfg(root, tmp_path / "run"), train=False)  # evaluating a file: no training folder to match
+
+
 def test_sampler_deals_disjoint_shares_and_resumes_part_way():
     shares = [list(ResumableDistributedSampler(10, 3, rank, seed=7)) for rank in range(3)]
     assert all(len(share) == 3 for share in shares)
@@ -217,7 +269,7 @@ def test_sampler_deals_disjoint_shares_and_resumes_part_way():
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(imagenet, tmp_path):
-    dataset = RobustImageFolder(imagenet / "train", train_transform(tiny_cfg(imagenet, tmp_path)), 0, 3)
+    dataset = RobustImageFolder(build_index(imagenet / "train"), train_transform(tiny_cfg(imagenet, tmp_path)), 0, 3)
     first = dataset[5][0]
     torch.rand(100)  # the global random state must not matter
     assert torch.equal(dataset[5][0], first)

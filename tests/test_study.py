@@ -156,15 +156,17 @@ def test_a_failed_stage_stops_only_the_stages_that_need_it(data, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "pretrain_none.yaml").write_text(f"_BASE_: {REPO / 'configs/demo/pretrain_none.yaml'}\n")
+    # a config that passes every check before the study starts and fails in training (the check
+    # before the study would refuse a wrong key or value, and nothing would run)
     (configs / "pretrain_broken.yaml").write_text(f"_BASE_: {REPO / 'configs/demo/pretrain_none.yaml'}\n"
-                                                  "MODEL:\n  ARCH: resnet9999\n")
+                                                  "SOLVER:\n  BASE_LR: 1.0e+30\n")
     config = write_config(tmp_path / "study.yaml", data, tmp_path / "output",
                           STUDY={"METHODS": ["none", "broken"]}, DETECT={"ENABLED": False},
                           PRETRAIN={"CONFIG": str(configs / "pretrain_{method}.yaml")})
     result = run_study(config)
     assert result.returncode == 1, explain(result)
-    assert "error: stage pretrain.broken failed (exit status 2); last lines of" in result.stdout
-    assert "resnet9999" in result.stdout.split("error: stage pretrain.broken failed")[1]  # the log's tail
+    assert "error: stage pretrain.broken failed (exit status 1); last lines of" in result.stdout
+    assert "loss became" in result.stdout.split("error: stage pretrain.broken failed")[1]  # the log's tail
     assert "robustness.broken: blocked, it needs pretrain.broken" in result.stdout
     assert "cost: blocked" in result.stdout
     output = tmp_path / "output"
@@ -262,6 +264,9 @@ def test_the_released_study_dry_run_lists_its_stages_and_no_pretraining(tmp_path
     (["DETECT.ENGINE", "mmdet"], "DETECT.ENGINE 'mmdet' is unknown"),
     (["RESOURCES.PRETRAIN.NODES", "2"], "RESOURCES.PRETRAIN.NODES is 2, but the local executor runs on this machine"),
     (["STUDY.PAPER", "imagenet_resnet18"], "STUDY.PAPER 'imagenet_resnet18' is unknown"),
+    # what the stages will read is checked before any runs (or is queued, hours before it would start)
+    (["PRETRAIN.DATA_ROOT", "/data/imagenet"], "stage pretrain.none (" ),
+    (["PRETRAIN.DATA_ROOT", "/data/imagenet"], "dataset root /data/imagenet (DATA.ROOT or $IMAGENET_ROOT) is not a folder"),
 ])
 def test_a_bad_study_config_is_one_clear_error(overrides, message, tmp_path):
     result = run_study(REPO / "configs/study/paper_r50_voc.yaml", "OUTPUT_DIR", str(tmp_path / "out"),

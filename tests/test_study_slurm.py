@@ -2,6 +2,7 @@
 answers ``sinfo`` (start one on this machine, as root, with tests/slurm/start_local_cluster.sh and
 export the SLURM_CONF it prints), and are skipped otherwise."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from study_runner.config import get_study_cfg
 from study_runner.slurm import describe, job_parameters, live_jobs
 from study_runner.stages import Stage
-from tiny_study import explain, make_data, run_study, write_config
+from tiny_study import PRETRAIN_OPTS, REPO, explain, make_data, run_study, write_config
 
 
 def slurm_unavailable() -> str | None:
@@ -34,17 +35,21 @@ needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slu
 def test_job_parameters_carry_the_resources_dependencies_and_extra_sbatch_options():
     cfg = get_study_cfg()
     cfg.RESOURCES.DETECT.PARTITION = "gpu"
-    cfg.RESOURCES.DETECT.QOS = "high"
+    cfg.RESOURCES.ACCOUNT = "lab"  # every kind's
+    cfg.RESOURCES.QOS = "normal"
+    cfg.RESOURCES.DETECT.QOS = "high"  # but its own first
     cfg.RESOURCES.DETECT.SBATCH = ["constraint=a100", "--exclusive"]
     stage = Stage("detect.none.0", "detect", ("python", "tools/train_net.py"), Path("/x"))
     parameters = job_parameters(cfg, stage, ["11", "12"])
     assert parameters["gpus_per_node"] == 8 and parameters["nodes"] == 1 and parameters["time"] == 720
-    assert parameters["partition"] == "gpu" and parameters["qos"] == "high" and "account" not in parameters
+    assert parameters["partition"] == "gpu" and parameters["qos"] == "high" and parameters["account"] == "lab"
+    assert parameters["srun_args"] == ["--cpus-per-task=64"]  # the step's CPUs, not inherited from 22.05 to 23.11
     assert describe(parameters).endswith("--constraint=a100 --exclusive --dependency=afterok:11:12 "
                                          "--kill-on-invalid-dep=yes")
     report = Stage("report", "report", ("python", "tools/study.py"), Path("/y"), always=True)
     assert job_parameters(cfg, report, ["3"])["additional_parameters"]["dependency"] == "afterany:3"
     assert "gpus_per_node" not in job_parameters(cfg, report, [])  # CPU-only jobs ask for no GPU
+    assert job_parameters(cfg, report, [])["qos"] == "normal" and "partition" not in job_parameters(cfg, report, [])
 
 
 def test_a_multi_node_stage_gets_the_launchers_machine_flags():
@@ -75,13 +80,17 @@ def wait_until(condition, seconds: float, what: str) -> None:
 
 
 @needs_slurm
-def test_a_tiny_study_runs_through_slurm_with_one_job_per_stage(data, tmp_path):
-    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output")
+def test_a_tiny_study_runs_through_slurm_with_exports_in_their_pretrainings_jobs_and_trials_in_arrays(data, tmp_path):
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", DETECT={"SEEDS": [0, 1]})
     submitted = run_study(config, "--executor", "slurm")
     assert submitted.returncode == 0, explain(submitted)
-    assert "report: submitted as job" in submitted.stdout and "detect.none.0: submitted as job" in submitted.stdout
+    job_of = dict(re.findall(r"^(\S+): submitted as job (\S+)", submitted.stdout, re.MULTILINE))
+    assert len(job_of) == 13 and job_of["export.none"] == job_of["pretrain.none"], submitted.stdout
+    trials = [job_of[f"detect.saliencymix.{trial}"] for trial in (0, 1)]
+    assert trials[0].split("_")[0] == trials[1].split("_")[0] and trials[0] != trials[1]  # one array, two tasks
+    assert len({job.split("_")[0] for job in job_of.values()}) == 9  # 13 stages, 9 sbatch submissions
     queued = states(config)
-    assert set(queued.values()) <= {"queued", "running", "done"} and len(queued) == 11, queued
+    assert set(queued.values()) <= {"queued", "running", "done"} and len(queued) == 13, queued
 
     waited = run_study(config, "--executor", "slurm", "--wait")  # finds every stage queued already
     assert waited.returncode == 0, explain(waited)
@@ -173,8 +182,6 @@ def _long_pretraining() -> list[str]:
 
 @needs_slurm
 def test_pretraining_runs_one_process_per_task_of_an_srun_step(tmp_path):
-    from tiny_study import REPO
-
     data = make_data(tmp_path / "data")
     run = subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", "--mem-per-cpu", "1024", "--time", "10",
                           sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
@@ -186,3 +193,119 @@ def test_pretraining_runs_one_process_per_task_of_an_srun_step(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]["torch"]) == 2
+
+
+def binds_cores() -> bool:
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    return bool(re.search(r"^TaskPlugin\s*=.*task/affinity", config, re.MULTILINE))
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@needs_slurm
+def test_a_stage_job_may_use_the_cpus_it_asks_for_when_the_cluster_binds_tasks_to_cores(tmp_path):
+    """Slurm 22.05 to 23.11 do not pass the job's --cpus-per-task on to srun: with task/affinity
+    and TaskPluginParam=Cores, the step of a job asking for 2 CPUs runs on 1 unless told."""
+    import submitit
+
+    cfg = get_study_cfg()
+    cfg.RESOURCES.PRETRAIN.merge_from_list(["CPUS_PER_NODE", 2, "GPUS_PER_NODE", 0, "MEM_GB", 1, "TIME_MINUTES", 5])
+    stage = Stage("pretrain.none", "pretrain", ("python",), tmp_path / "done")
+    seen = {}
+    for name, parameters in (("study", job_parameters(cfg, stage, [])),
+                             ("without srun_args", {**job_parameters(cfg, stage, []), "srun_args": []})):
+        executor = submitit.SlurmExecutor(folder=tmp_path / name.replace(" ", "_"))
+        executor.update_parameters(**parameters)
+        seen[name] = executor.submit(usable_cpus).result()
+    assert seen["study"] == 2, seen
+    if binds_cores():
+        assert seen["without srun_args"] == 1, seen
+
+
+@needs_slurm
+def test_a_submission_sbatch_refuses_ends_in_one_error_line_naming_the_stage(data, tmp_path):
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", STUDY={"METHODS": ["none"]},
+                          DETECT={"ENABLED": False}, COST={"ENABLED": False})
+    result = run_study(config, "--executor", "slurm", "RESOURCES.ROBUSTNESS.GPUS_PER_NODE", "1")  # no GPU here
+    queued = re.findall(r"submitted as job (\d+)", result.stdout)
+    subprocess.run(["scancel", *queued], check=False)
+    assert result.returncode == 1, explain(result)
+    assert "pretrain.none: submitted as job" in result.stdout and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage robustness.none" in errors[0] and "gres" in errors[0].lower(), result.stderr
+
+
+@needs_slurm
+def test_two_invocations_at_once_submit_each_stage_once(data, tmp_path):
+    from tiny_study import study_command
+
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", DETECT={"SEEDS": [0]})
+    invocations = [subprocess.Popen(study_command(config, "--executor", "slurm"), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in invocations]
+    job_of = {stage: job for stdout, _ in outputs
+              for stage, job in re.findall(r"^(\S+): submitted as job (\S+)", stdout, re.MULTILINE)}
+    try:
+        assert all(process.returncode == 0 for process in invocations), outputs
+        submitted = [stage for stdout, _ in outputs
+                     for stage in re.findall(r"^(\S+): submitted as job", stdout, re.MULTILINE)]
+        assert len(submitted) == len(set(submitted)) and {"pretrain.none", "detect.saliencymix.0", "report"} <= set(submitted)
+        assert any("already as job" in stdout for stdout, _ in outputs)
+
+        # a pretraining cancelled before it ran is submitted again, and the report still waiting
+        # is submitted again after it (it would otherwise wait on the cancelled job only)
+        subprocess.run(["scancel", job_of["pretrain.none"]], check=True)
+        wait_until(lambda: job_of["pretrain.none"] not in live_jobs(), 60, "the cancelled job to leave the queue")
+        rerun = run_study(config, "--executor", "slurm")
+        assert rerun.returncode == 0, explain(rerun)
+        job_of.update(re.findall(r"^(\S+): submitted as job (\S+)", rerun.stdout, re.MULTILINE))
+        assert re.search(r"^report: cancelled job \d+, to wait on the new jobs", rerun.stdout, re.MULTILINE), rerun.stdout
+        assert re.search(r"^pretrain\.none: submitted as job", rerun.stdout, re.MULTILINE)
+        assert re.search(r"^report: submitted as job", rerun.stdout, re.MULTILINE)
+    finally:
+        subprocess.run(["scancel", *job_of.values()], check=False)
+
+
+@needs_slurm
+@pytest.mark.parametrize("how", ["scancel --signal=USR2", "scontrol requeue"])
+def test_a_warned_or_preempted_pretraining_saves_requeues_and_ends_as_an_uninterrupted_run(data, tmp_path, how):
+    """USR2 (the time-limit or preemption warning) or SIGTERM (a requeue, as PreemptMode=REQUEUE
+    preempts): the tool saves at the next iteration, the job is requeued and resumes there."""
+    options = dict(zip(PRETRAIN_OPTS[::2], PRETRAIN_OPTS[1::2]))
+    options.update({"SOLVER.EPOCHS": "12", "SOLVER.STEP_EPOCHS": "(8,)"})  # 36 iterations
+    opts = [item for pair in options.items() for item in pair]
+    config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", STUDY={"METHODS": ["none"]},
+                          PRETRAIN={"OPTS": opts}, DETECT={"ENABLED": False}, ROBUSTNESS={"ENABLED": False},
+                          COST={"ENABLED": False})
+    submitted = run_study(config, "--executor", "slurm")
+    assert submitted.returncode == 0, explain(submitted)
+    job = re.search(r"pretrain\.none: submitted as job (\d+)", submitted.stdout).group(1)
+    run = tmp_path / "output" / "pretrain" / "none"
+    wait_until(lambda: (run / "metrics.json").exists() and len((run / "metrics.json").read_text().splitlines()) >= 8,
+               300, "eight metrics rows")
+    subprocess.run(how.split() + [job], check=True)
+    waited = run_study(config, "--executor", "slurm", "--wait", timeout=900)
+    assert waited.returncode == 0, explain(waited)
+
+    record = json.loads((tmp_path / "output" / "stages" / "pretrain.none.json").read_text())
+    assert record["attempts"] == 2 and record["exit_status"] == 0, record
+    log = (tmp_path / "output" / "logs" / "pretrain.none.log").read_text()
+    signal_name = "SIGUSR2" if "USR2" in how else "SIGTERM"
+    stopped = re.search(rf"stopped at iteration (\d+) on {signal_name}: saved", log)
+    resumed = re.search(r"resumed from \S+ at iteration (\d+)", log)
+    assert stopped and resumed and stopped.group(1) == resumed.group(1), log[-3000:]  # nothing trained twice
+    rows = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines()]
+    logged = [row["iteration"] for row in rows if "loss" in row]
+    assert logged == sorted(set(logged)) and sum(row.get("window_iterations", 0) for row in rows) == 36
+
+    reference = tmp_path / "uninterrupted"
+    command = [*record["command"][:-1], str(reference)]  # the stage's command, into another folder
+    assert record["command"][-2] == "OUTPUT_DIR"
+    uninterrupted = subprocess.run([part for part in command if part != "--resume"], capture_output=True, text=True,
+                                   timeout=900, cwd=REPO)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    expected = torch.load(reference / "model_final.pth", weights_only=True)["model"]
+    actual = torch.load(run / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)

@@ -23,7 +23,7 @@ from detection.torchvision_engine.solver import build_optimizer, lr_multiplier
 from detection.voc import load_voc_split, write_annotation
 from pretrain import checkpoint as ckpt
 from pretrain.data import ShardSampler
-from pretrain.distributed import launch
+from helpers.distributed import launch
 from pretrain.export import convert
 from voc_tree import CLASSES, write_voc_tree
 
@@ -66,6 +66,8 @@ def tiny_config(files: dict, output: Path, **overrides) -> CN:
         "SOLVER.BASE_LR": 0.01, "SOLVER.MAX_ITER": 4, "SOLVER.STEPS": (3,), "SOLVER.WARMUP_ITERS": 2,
         "SOLVER.WARMUP_FACTOR": 0.1, "SOLVER.CHECKPOINT_PERIOD": 2, "DATALOADER.NUM_WORKERS": 0, "SEED": 3,
         "MODEL.RESNETS.NORM": "BN", "MODEL.BACKBONE.FREEZE_AT": 0,
+        # what the engine builds, named as an FPN config names it (Detectron2's defaults are C4)
+        "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone", "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64, "MODEL.RPN.BATCH_SIZE_PER_IMAGE": 64,
     }
     values.update({key.replace("__", "."): value for key, value in overrides.items()})

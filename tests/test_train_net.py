@@ -51,6 +51,7 @@ def assert_finished_run(output: Path, engine: str) -> dict:
     assert run["info"]["engine"] == engine and run["info"]["method"] == "saliencymix"
     assert run["info"]["train_datasets"] == ["tiny_voc_trainval"] and run["info"]["max_iter"] == 3
     assert run["info"]["dataset_kind"] == "voc"
+    assert run["info"]["architecture"].endswith(f"({engine.replace('detectron2', 'Detectron2')})")
     for metric in ("AP", "AP50", "AP75"):
         assert 0 <= run["results"]["bbox"][metric] <= 100
     return run
@@ -99,6 +100,14 @@ def test_torchvision_engine_through_the_same_command(exported, tmp_path):
                     *overrides(exported["voc"], tmp_path, exported["pth"]))
     assert run.returncode == 0, run.stderr[-4000:]
     assert_finished_run(tmp_path, "torchvision")
+
+
+def test_the_torchvision_engine_refuses_a_c4_config_it_would_train_as_fpn(exported, tmp_path):
+    run = train_net("--engine", "torchvision", "--config-file", str(REPO / "configs/detection/faster_rcnn_R50_C4_voc.yaml"),
+                    *overrides(exported["voc"], tmp_path, exported["pth"]))
+    assert run.returncode == 2 and run.stderr.startswith("error: MODEL.BACKBONE.NAME is 'build_resnet_backbone' "
+                                                         "(Detectron2 default), but the torchvision engine"), run.stderr
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def test_trials_get_their_own_folders_and_seeds(exported, tmp_path):

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 # every iteration doubled the time of a tiny pretraining (15.9 s against 8.2 s).
 PRETRAIN_OPTS = ["DATA.IMAGE_SIZE", "32", "DATA.VAL_RESIZE", "36", "SOLVER.EPOCHS", "4", "SOLVER.STEP_EPOCHS", "(2, 3)",
                  "SOLVER.BATCH_SIZE", "10", "SOLVER.WARMUP_EPOCHS", "0.0", "DATA.NUM_WORKERS", "0", "LOG_PERIOD", "1",
-                 "CHECKPOINT.PERIOD", "0"]
+                 "CHECKPOINT.EPOCH_END", "True"]
 DETECT_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
                "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
                "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0"]

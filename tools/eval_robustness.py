@@ -14,16 +14,14 @@ paper's figure for the method.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-
+from helpers.distributed import configure_logging, default_argument_parser, launch, local_device, planned_world_size
 from pretrain.atomic_file import atomic_write_json
 from pretrain.checkpoint import weights_to_evaluate
 from pretrain.cli import check_launch, merge_config, reports_usage_errors
 from pretrain.config import get_cfg
 from pretrain.data import build_val_loader, world
-from pretrain.distributed import default_argument_parser, launch, local_device, planned_world_size
 from pretrain.evaluation import check_weights, load_classifier
 from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm
 from pretrain.validate import check_pretrain_cfg
@@ -47,7 +45,7 @@ def setup(args):
 
 
 def main(cfg, args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     weights = weights_to_evaluate(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
     device = local_device()
     model = Normalized(load_classifier(cfg, weights)[0], cfg.DATA.MEAN, cfg.DATA.STD).to(device)

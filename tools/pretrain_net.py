@@ -22,16 +22,14 @@ tools/convert_to_d2.py reads) with the config's evaluation transform, and writes
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
-
+from helpers.distributed import configure_logging, default_argument_parser, launch, planned_world_size
 from pretrain.atomic_file import atomic_write_json
 from pretrain.checkpoint import weights_to_evaluate
 from pretrain.cli import check_launch, merge_config, reports_usage_errors
 from pretrain.config import get_cfg
 from pretrain.data import world
-from pretrain.distributed import default_argument_parser, launch, planned_world_size
 from pretrain.engine import PretrainTrainer
 from pretrain.evaluation import EVAL_RESULTS, check_weights, evaluate_weights
 from pretrain.validate import check_pretrain_cfg
@@ -50,7 +48,7 @@ def setup(args):
 
 
 def main(cfg, args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.eval_only:
         return evaluate_only(cfg)
     trainer = PretrainTrainer(cfg, resume=args.resume)
@@ -78,4 +76,4 @@ if __name__ == "__main__":
     arguments = default_argument_parser(__doc__).parse_args()
     config = setup(arguments)
     launch(main, (config, arguments), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
-           machine_rank=arguments.machine_rank, dist_url=arguments.dist_url)
+           machine_rank=arguments.machine_rank, dist_url=arguments.dist_url, saves_on_signal=not arguments.eval_only)

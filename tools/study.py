@@ -24,12 +24,22 @@ import shlex
 import sys
 from pathlib import Path
 
-
 from study_runner import records
 from study_runner.config import STAGE_KINDS, TRANSFERS, StudyConfigError, load_study_cfg
-from study_runner.local import StudyBusy, run_local
+from study_runner.local import run_local
+from study_runner.lock import StudyBusy
+from study_runner.preflight import check_inputs
 from study_runner.report import REPORT_MARKDOWN, format_markdown, write_report
-from study_runner.slurm import SlurmUnavailable, describe, job_parameters, live_jobs, submit_study, wait_for
+from study_runner.slurm import (
+    SlurmUnavailable,
+    SubmissionRefused,
+    describe,
+    job_parameters,
+    live_jobs,
+    plan_jobs,
+    submit_study,
+    wait_for,
+)
 from study_runner.stages import STUDY_CONFIG, build_stages, detection_engine
 from study_runner.status import format_status, status_rows
 
@@ -89,6 +99,11 @@ def dry_run(cfg, stages, executor: str) -> None:
         if executor == "slurm":
             dependencies = ["<job of " + need + ">" for need in stage.needs]
             print(f"  sbatch {describe(job_parameters(cfg, stage, dependencies))}")
+    if executor == "slurm":
+        jobs = plan_jobs([stage for stage in stages if stage.always or not stage.done.exists()])
+        print(f"{len(jobs)} SLURM jobs (an export in its pretraining's job, an arm's trials in one job array):")
+        for job in jobs:
+            print(f"  {' + '.join(stage.name for stage in job.stages)}{' (array)' if job.array else ''}")
 
 
 def show_status(cfg, stages) -> None:
@@ -131,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         show_status(cfg, stages)
         return 0
+    try:
+        check_inputs(cfg)
+    except StudyConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     output.mkdir(parents=True, exist_ok=True)
     (output / STUDY_CONFIG).write_text(cfg.dump())
     try:
@@ -147,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyBusy, SlurmUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SubmissionRefused as error:
+        print(f"error: {error}\nthe jobs listed above stay queued; fix the cause and run the same command again "
+              "(they are kept), or scancel them", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

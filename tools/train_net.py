@@ -25,17 +25,13 @@ import importlib.util
 import logging
 from pathlib import Path
 
-import torch
-
-
 from detection import records
 from detection.config import ENGINES, get_detection_cfg
-from detection.coco import load_coco_records
-from detection.datasets import VOCDataset, check_class_count, is_own_set, resolve
+from detection.run_checks import check_run
+from helpers.distributed import configure_logging, default_argument_parser, launch, planned_world_size
 from pretrain import checkpoint as ckpt
-from pretrain.cli import UsageError, check_file, check_launch, merge_config, reports_usage_errors
+from pretrain.cli import UsageError, check_launch, merge_config, reports_usage_errors
 from pretrain.data import world
-from pretrain.distributed import default_argument_parser, launch, planned_world_size
 
 logger = logging.getLogger("train_net")
 DETECTRON2_INSTALLED = importlib.util.find_spec("detectron2") is not None
@@ -77,48 +73,8 @@ def setup_trials(args) -> list:
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1, got {args.trials}")
     configs = [setup(args, args.engine, trial) for trial in range(args.trials)]
-    check_run(configs[0], planned_world_size(args.num_gpus, args.num_machines))
+    check_run(configs[0], planned_world_size(args.num_gpus, args.num_machines), args.engine)
     return configs
-
-
-def check_run(cfg, world_size: int) -> None:
-    """The datasets (their files and class count), the weights and the device."""
-    for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
-        try:
-            dataset = resolve(name, cfg)
-        except KeyError as error:
-            raise UsageError(str(error).strip("'\"")) from None
-        except (FileNotFoundError, ValueError) as error:  # a COCO_ROOT json's categories
-            raise UsageError(f"dataset {name}: {error}") from None
-        check_dataset_files(dataset, cfg)
-        try:
-            check_class_count(dataset, cfg)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
-        check_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
-    if world_size > 1 and torch.device(cfg.MODEL.DEVICE).index is not None:
-        raise UsageError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}, which puts all {world_size} processes on one GPU; "
-                         f"use MODEL.DEVICE {torch.device(cfg.MODEL.DEVICE).type} (each process takes its own)")
-
-
-def check_dataset_files(dataset, cfg) -> None:
-    """A VOC split file; a COCO json and image folder, a set of your own (``TRANSFER.COCO_ROOT``)
-    read in full, so that a malformed record is named now (built-in sets are only looked for)."""
-    if isinstance(dataset, VOCDataset):
-        split_file = dataset.root / "ImageSets" / "Main" / f"{dataset.split}.txt"
-        if not split_file.is_file():
-            raise UsageError(f"dataset {dataset.name}: {split_file} does not exist "
-                             f"(TRANSFER.VOC_ROOT or $DETECTRON2_DATASETS)")
-        return
-    for path in (dataset.json_file, dataset.image_root):
-        if not path.exists():
-            raise UsageError(f"dataset {dataset.name}: {path} does not exist (TRANSFER.COCO_ROOT or $DETECTRON2_DATASETS)")
-    if is_own_set(dataset.name, cfg):
-        try:
-            load_coco_records(dataset.json_file, dataset.image_root)
-        except (FileNotFoundError, ValueError) as error:
-            raise UsageError(f"dataset {dataset.name}: {error}") from None
 
 
 def primary_results(results: dict) -> dict:
@@ -167,7 +123,7 @@ def detectron2_machine_group(local_world_size: int) -> None:
 
 def main(configs: list, args) -> list[dict]:
     """Every trial of one engine (``args.engine``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     outcomes = []
     for cfg in configs:
         results = run(cfg, args)
@@ -187,4 +143,5 @@ if __name__ == "__main__":
     trials = setup_trials(arguments)
     launch(main, (trials, arguments), num_processes=arguments.num_gpus, num_machines=arguments.num_machines,
            machine_rank=arguments.machine_rank, dist_url=arguments.dist_url,
-           after_init=detectron2_machine_group if arguments.engine == "detectron2" else None)
+           after_init=detectron2_machine_group if arguments.engine == "detectron2" else None,
+           saves_on_signal=not arguments.eval_only)

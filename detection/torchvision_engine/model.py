@@ -11,10 +11,17 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detection.run_checks import check_torchvision_architecture
+from helpers.distributed import local_device
+from helpers.weights import (
+    BLOCKS_PER_DEPTH,
+    WeightsError,
+    check_backbone,
+    is_batch_counter,
+    load_resnet_state_dict,
+    resnet_depth,
+)
 from pretrain import checkpoint as ckpt
-from pretrain.distributed import local_device
-from helpers.weights import (BLOCKS_PER_DEPTH, WeightsError, check_backbone, is_batch_counter, load_resnet_state_dict,
-                             resnet_depth)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ def build_model(cfg) -> FasterRCNN:
 def build_detector(cfg) -> FasterRCNN:
     """torchvision's Faster R-CNN R50-FPN for ``cfg`` (Mask R-CNN, a ``FasterRCNN`` with a mask
     head, with ``MODEL.MASK_ON``), randomly initialised (nothing downloaded)."""
+    check_torchvision_architecture(cfg)
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     if not 0 <= freeze_at <= 5:
         raise ValueError(f"MODEL.BACKBONE.FREEZE_AT {freeze_at} must be in 0..5 (stem, res2 .. res5)")

@@ -22,9 +22,11 @@ from detection.torchvision_engine.data import training_batches
 from detection.torchvision_engine.inference import evaluate, evaluate_model, flatten_results
 from detection.torchvision_engine.model import build_detector, build_model, select_device
 from detection.torchvision_engine.solver import build_optimizer, check_schedule, set_learning_rate
+from helpers import preemption
+from helpers.distributed import all_gather_objects, all_reduce_sum, report_cpus
+from helpers.metrics_file import drop_records_after
 from pretrain import checkpoint as ckpt
 from pretrain.data import world
-from pretrain.distributed import all_gather_objects, all_reduce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ class TorchvisionTrainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.start = self.restore(state, last) if state else 0
         self.network = self.across_processes(self.model)
+        if self.rank == 0 and self.start:  # rows an earlier attempt logged after its checkpoint: trained again
+            drop_records_after(self.output_dir / METRICS_FILE, self.start - 1)
+        self.stop = preemption.StopAgreement()
+        report_cpus(cfg.DATALOADER.NUM_WORKERS)
 
     def train(self) -> None:
         cfg = self.cfg
@@ -83,11 +89,30 @@ class TorchvisionTrainer:
                 self.write_training_metrics(window, iteration)
                 window = []
             self.after_step(done)
+            stop_signal, _ = self.stop.poll()
+            if stop_signal and done < cfg.SOLVER.MAX_ITER:
+                self.save_and_stop(stop_signal, window, iteration, done)
+        self.stop.close()
         if self.start >= cfg.SOLVER.MAX_ITER and self.rank == 0:
             logger.info("%s is already at iteration %d of %d: nothing to train", self.checkpointer.last(),
                         self.start, cfg.SOLVER.MAX_ITER)
         if dist.is_initialized():
             dist.barrier()  # every process's evaluate() must find rank 0's model_final.pth written
+
+    def save_and_stop(self, signal_name: str, window: list[dict[str, float]], iteration: int, done: int) -> None:
+        """The cluster takes the machines back: log the window so far, save after ``done``
+        iterations (unless ``after_step`` just did) and end every process together."""
+        if window:
+            self.write_training_metrics(window, iteration)
+        name = ckpt.checkpoint_name(done)
+        period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+        if not (period > 0 and done % period == 0):
+            self.save_checkpoint(name, done)
+        self.stop.barrier()
+        stopped = preemption.Preempted(self.output_dir / name, signal_name)
+        if self.rank == 0:
+            logger.warning("stopped at iteration %d on %s", done, stopped)
+        raise stopped
 
     # ------------------------------------------------------------------------------- set-up
     def with_synchronized_batchnorm(self, model: nn.Module) -> nn.Module:

@@ -2,6 +2,8 @@
 # Start a one-node SLURM cluster (munged + slurmctld + slurmd) for running SLURM tests locally.
 # Run as root on Debian. Usage: start_local_cluster.sh [STATE_DIR]
 # STATE_DIR defaults to $SLURM_TEST_DIR or /tmp/slurm-test; re-running restarts the daemons.
+# SLURM_TEST_BIND_CORES=1 binds each task to its cores (TaskPlugin=task/affinity,
+# TaskPluginParam=Cores), as sites that pin CPUs run; the default binds nothing (task/none).
 set -euo pipefail
 
 DIR=$(realpath -m "${1:-${SLURM_TEST_DIR:-/tmp/slurm-test}}")
@@ -54,6 +56,11 @@ if command -v ss >/dev/null && [[ -n $(ss -ltnH '( sport = :6817 or sport = :681
 fi
 
 CPUS=$(nproc)
+if [[ ${SLURM_TEST_BIND_CORES:-0} == 1 ]]; then
+    TASK_PLUGIN=$'TaskPlugin=task/affinity\nTaskPluginParam=Cores'
+else
+    TASK_PLUGIN=TaskPlugin=task/none
+fi
 # slurmd drains the node if RealMemory exceeds what it detects, so leave some headroom.
 MEM=$(awk '/^MemTotal/ {m = int($2 / 1024); print (m > 2048 ? m - 512 : int(m * 0.9))}' /proc/meminfo)
 
@@ -66,7 +73,7 @@ AuthType=auth/munge
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+$TASK_PLUGIN
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres

@@ -10,6 +10,7 @@ the job id). NCCL is used when CUDA is present, gloo otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from helpers import preemption
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -97,9 +100,14 @@ def planned_world_size(num_processes: int, num_machines: int) -> int:
 
 
 def launch(main, args: tuple, num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str = "auto", after_init=None) -> None:
+           dist_url: str = "auto", after_init=None, saves_on_signal: bool = False) -> None:
     """Run ``main(*args)`` in every process of the job; ``after_init(local_world_size)`` runs in
-    each process once the process group exists (Detectron2 builds its per-machine group there)."""
+    each process once the process group exists (Detectron2 builds its per-machine group there).
+    ``saves_on_signal``: ``main`` trains and acts on SLURM's stop signals (helpers/preemption.py),
+    so every process of the tool, this one included, notes them instead of ending at once; the
+    tool then exits with ``preemption.RESUME_EXIT_STATUS``."""
+    if saves_on_signal:
+        preemption.stop_on_signals()
     placement = launched_placement(num_processes, num_machines)
     if placement:
         _init_process_group(placement.url, placement.rank, placement.world_size, placement.local_rank)
@@ -113,12 +121,20 @@ def launch(main, args: tuple, num_processes: int = 1, num_machines: int = 1, mac
         if num_machines != 1:
             raise ValueError("--dist-url auto works on one machine only; give tcp://HOST:PORT")
         dist_url = free_local_url()
-    mp.start_processes(_worker, nprocs=num_processes, start_method="spawn",
-                       args=(main, args, num_processes, machine_rank, world_size, dist_url, after_init))
+    try:
+        mp.start_processes(_worker, nprocs=num_processes, start_method="spawn",
+                           args=(main, args, num_processes, machine_rank, world_size, dist_url, after_init,
+                                 saves_on_signal))
+    except mp.ProcessExitedException as error:
+        if error.exit_code != preemption.RESUME_EXIT_STATUS:
+            raise
+        raise SystemExit(preemption.RESUME_EXIT_STATUS) from None
 
 
 def _worker(local_rank: int, main, args, num_processes: int, machine_rank: int, world_size: int,
-            dist_url: str, after_init) -> None:
+            dist_url: str, after_init, saves_on_signal: bool) -> None:
+    if saves_on_signal:
+        preemption.stop_on_signals()
     _init_process_group(dist_url, machine_rank * num_processes + local_rank, world_size, local_rank)
     _run(main, args, after_init, num_processes)
 
@@ -139,6 +155,29 @@ def _run(main, args, after_init, local_world_size: int) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def configure_logging() -> None:
+    """INFO from rank 0 only, warnings and errors from every process: eight processes per node
+    repeating each line for days fill a job's log with copies."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def report_cpus(loader_workers: int) -> int:
+    """How many CPUs this process may run on (``os.sched_getaffinity``), logged once by rank 0,
+    with a warning from any process that has fewer than its data loader workers: a job step
+    started without ``--cpus-per-task`` on a cluster that binds tasks to cores gets one."""
+    cpus = len(os.sched_getaffinity(0))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    logging.getLogger(__name__).info("process %d may run on %d CPUs (os.sched_getaffinity)", rank, cpus)
+    if cpus < loader_workers:
+        logging.getLogger(__name__).warning(
+            "process %d may run on %d CPUs, fewer than its %d data loader workers: loading will be slow. Under "
+            "SLURM, start the step with srun --cpus-per-task (or export SRUN_CPUS_PER_TASK)", rank, cpus,
+            loader_workers)
+    return cpus
 
 
 def local_device() -> torch.device:
