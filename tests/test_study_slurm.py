@@ -68,8 +68,8 @@ def data(tmp_path_factory) -> Path:
 def states(config: Path) -> dict[str, str]:
     status = run_study(config, "--executor", "slurm", "--status")
     assert status.returncode == 0, explain(status)
-    return dict(re.findall(r"^(\S+)\s+(done|running|queued|failed|interrupted|cancelled|pending)\s", status.stdout,
-                           re.MULTILINE))
+    found = re.findall(r"^(\S+)\s+(done|running|queued|failed|interrupted|cancelled|pending)\s", status.stdout, re.MULTILINE)
+    return {stage: state for stage, state in found if not stage.isdigit()}  # not the "10 done" tally
 
 
 def wait_until(condition, seconds: float, what: str) -> None:
@@ -84,7 +84,7 @@ def test_a_tiny_study_runs_through_slurm_with_exports_in_their_pretrainings_jobs
     config = write_config(tmp_path / "study.yaml", data, tmp_path / "output", DETECT={"SEEDS": [0, 1]})
     submitted = run_study(config, "--executor", "slurm")
     assert submitted.returncode == 0, explain(submitted)
-    job_of = dict(re.findall(r"^(\S+): submitted as job (\S+)", submitted.stdout, re.MULTILINE))
+    job_of = dict(re.findall(r"^(\S+): submitted as job (\d+(?:_\d+)?)", submitted.stdout, re.MULTILINE))
     assert len(job_of) == 13 and job_of["export.none"] == job_of["pretrain.none"], submitted.stdout
     trials = [job_of[f"detect.saliencymix.{trial}"] for trial in (0, 1)]
     assert trials[0].split("_")[0] == trials[1].split("_")[0] and trials[0] != trials[1]  # one array, two tasks
@@ -120,7 +120,7 @@ def test_arms_started_from_files_run_through_slurm_without_pretraining(data, tmp
     assert result.returncode == 0, explain(result)
     assert "pretrain." not in result.stdout and "cost:" not in result.stdout
     assert "verify.saliencymix: submitted as job" in result.stdout
-    assert {stage: state for stage, state in states(config).items() if not stage.isdigit()} == {  # not the "10 done" tally
+    assert states(config) == {
         stage: "done" for method in files for stage in (f"verify.{method}", f"robustness.{method}",
                                                          f"export.{method}", f"detect.{method}.0")} | {
         "compare": "done", "report": "done"}
@@ -200,10 +200,6 @@ def binds_cores() -> bool:
     return bool(re.search(r"^TaskPlugin\s*=.*task/affinity", config, re.MULTILINE))
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 @needs_slurm
 def test_a_stage_job_may_use_the_cpus_it_asks_for_when_the_cluster_binds_tasks_to_cores(tmp_path):
     """Slurm 22.05 to 23.11 do not pass the job's --cpus-per-task on to srun: with task/affinity
@@ -218,7 +214,7 @@ def test_a_stage_job_may_use_the_cpus_it_asks_for_when_the_cluster_binds_tasks_t
                              ("without srun_args", {**job_parameters(cfg, stage, []), "srun_args": []})):
         executor = submitit.SlurmExecutor(folder=tmp_path / name.replace(" ", "_"))
         executor.update_parameters(**parameters)
-        seen[name] = executor.submit(usable_cpus).result()
+        seen[name] = len(executor.submit(os.sched_getaffinity, 0).result())  # the CPUs the job's step may use
     assert seen["study"] == 2, seen
     if binds_cores():
         assert seen["without srun_args"] == 1, seen
@@ -246,7 +242,7 @@ def test_two_invocations_at_once_submit_each_stage_once(data, tmp_path):
                                     stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [process.communicate(timeout=300) for process in invocations]
     job_of = {stage: job for stdout, _ in outputs
-              for stage, job in re.findall(r"^(\S+): submitted as job (\S+)", stdout, re.MULTILINE)}
+              for stage, job in re.findall(r"^(\S+): submitted as job (\d+(?:_\d+)?)", stdout, re.MULTILINE)}
     try:
         assert all(process.returncode == 0 for process in invocations), outputs
         submitted = [stage for stdout, _ in outputs
@@ -260,7 +256,7 @@ def test_two_invocations_at_once_submit_each_stage_once(data, tmp_path):
         wait_until(lambda: job_of["pretrain.none"] not in live_jobs(), 60, "the cancelled job to leave the queue")
         rerun = run_study(config, "--executor", "slurm")
         assert rerun.returncode == 0, explain(rerun)
-        job_of.update(re.findall(r"^(\S+): submitted as job (\S+)", rerun.stdout, re.MULTILINE))
+        job_of.update(re.findall(r"^(\S+): submitted as job (\d+(?:_\d+)?)", rerun.stdout, re.MULTILINE))
         assert re.search(r"^report: cancelled job \d+, to wait on the new jobs", rerun.stdout, re.MULTILINE), rerun.stdout
         assert re.search(r"^pretrain\.none: submitted as job", rerun.stdout, re.MULTILINE)
         assert re.search(r"^report: submitted as job", rerun.stdout, re.MULTILINE)
@@ -300,11 +296,14 @@ def test_a_warned_or_preempted_pretraining_saves_requeues_and_ends_as_an_uninter
     logged = [row["iteration"] for row in rows if "loss" in row]
     assert logged == sorted(set(logged)) and sum(row.get("window_iterations", 0) for row in rows) == 36
 
+    # the stage's command, into another folder, on as many CPUs as the job (CPU numerics depend on
+    # the thread count)
     reference = tmp_path / "uninterrupted"
-    command = [*record["command"][:-1], str(reference)]  # the stage's command, into another folder
+    command = [*record["command"][:-1], str(reference)]
     assert record["command"][-2] == "OUTPUT_DIR"
-    uninterrupted = subprocess.run([part for part in command if part != "--resume"], capture_output=True, text=True,
-                                   timeout=900, cwd=REPO)
+    uninterrupted = subprocess.run(["srun", "--ntasks", "1", "--cpus-per-task", "1", "--mem", "1024", "--time", "10",
+                                    *(part for part in command if part != "--resume")],
+                                   capture_output=True, text=True, timeout=900, cwd=REPO)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     expected = torch.load(reference / "model_final.pth", weights_only=True)["model"]
     actual = torch.load(run / "model_final.pth", weights_only=True)["model"]

@@ -33,6 +33,7 @@ from study_runner.report import REPORT_MARKDOWN, format_markdown, write_report
 from study_runner.slurm import (
     SlurmUnavailable,
     SubmissionRefused,
+    array_job,
     describe,
     job_parameters,
     live_jobs,
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_local(stages, output)
         jobs = submit_study(cfg, stages, output)
         if not args.wait:
-            print(f"{len(jobs)} jobs in the queue; follow them with --status")
+            print(f"{len(jobs)} stages in {len(set(map(array_job, jobs.values())))} jobs in the queue; "
+                  "follow them with --status")
             return 0
         wait_for(list(jobs.values()))
         rows = status_rows(stages, output, {})
