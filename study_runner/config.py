@@ -12,7 +12,7 @@ from pretrain.cli import UsageError, merge_config
 from study_runner.paper import PAPER_TABLES
 
 PAPER_METHODS = ("none", "cutout", "mixup", "cutmix", "saliencymix")
-# Each kind of stage has its own resources (one SLURM job per stage; the local executor uses
+# Each kind of stage has its own resources (its SLURM jobs'; the local executor uses
 # GPUS_PER_NODE as --num-gpus).
 STAGE_KINDS = ("pretrain", "verify", "export", "robustness", "detect", "coco", "report")
 TRANSFERS = {"detect": "DETECT", "coco": "COCO"}  # the transfer stages' kinds and their config sections

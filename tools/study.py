@@ -13,7 +13,8 @@ the detectors, time the training, and write one report that sets every figure be
 Each stage runs a project tool with its normal command line (printed, so any stage can be rerun
 by hand). Arms listed under PRETRAIN.WEIGHTS start from a weights file instead of a pretraining. Run again, the study skips finished stages, resumes interrupted ones from their last
 checkpoint and retries failed ones. ``--executor local`` runs the stages one after another here;
-``--executor slurm`` queues one job per stage with dependencies and returns (``--wait`` waits).
+``--executor slurm`` queues a job per stage (an export in its pretraining's job, an arm's trials in one job
+array) with dependencies and returns (``--wait`` waits).
 Trailing ``KEY VALUE`` pairs override the study config (``DETECT.SEEDS "[0, 1]"``).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="a study config (configs/study/)")
     parser.add_argument("--executor", choices=("local", "slurm"), default="local",
-                        help="local: stages one after another on this machine (default); slurm: one job per stage")
+                        help="local: stages one after another on this machine (default); slurm: jobs with dependencies")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--dry-run", action="store_true", help="print the stages, their commands and jobs; run nothing")
     action.add_argument("--status", action="store_true",
