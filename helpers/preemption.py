@@ -37,9 +37,9 @@ def stop_on_signals() -> None:
     would spawn its own workers too)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _note)
-    if sys.platform == "linux":
+    if sys.platform == "linux":  # SLURM's platform; elsewhere no signal reaches a tool's every process
         multiprocessing.set_start_method("fork", force=True)
-    _keep_noting_in_loader_workers()
+        _keep_noting_in_loader_workers()
 
 
 def _keep_noting_in_loader_workers() -> None:
