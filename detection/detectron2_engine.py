@@ -4,7 +4,6 @@ extra-norm C4 box head the transfer configs name, a save-and-stop on SLURM's sto
 metrics that a resumed run does not count twice."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -83,11 +82,7 @@ class StopOnSignal(hooks.HookBase):
             return
         name = f"model_{trainer.iter:07d}"  # PeriodicCheckpointer's name and content: resumes at iter + 1
         trainer.checkpointer.save(name, iteration=trainer.iter)
-        self.agreement.barrier()
-        stopped = preemption.Preempted(Path(trainer.cfg.OUTPUT_DIR) / f"{name}.pth", signal_name)
-        if comm.is_main_process():
-            logging.getLogger(__name__).warning("stopped at iteration %d on %s", trainer.iter + 1, stopped)
-        raise stopped
+        self.agreement.end_run(Path(trainer.cfg.OUTPUT_DIR) / f"{name}.pth", signal_name, trainer.iter + 1)
 
     def after_train(self):
         self.agreement.close()

@@ -10,6 +10,7 @@ save a checkpoint there together and leave with ``Preempted``: exit status
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -18,6 +19,8 @@ import threading
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 RESUME_EXIT_STATUS = 75  # EX_TEMPFAIL: saved on a signal, run again with --resume
@@ -124,7 +127,13 @@ class StopAgreement:
             self.pending.wait()
             self.pending = None
 
-    def barrier(self) -> None:
-        """Every process waits until rank 0 has written the checkpoint."""
+    def end_run(self, checkpoint, signal_name: str, iteration: int) -> None:
+        """Once every process has saved its part of ``checkpoint`` after ``iteration``
+        iterations: wait until rank 0 has written it, say so once, and end every process with
+        ``RESUME_EXIT_STATUS``."""
         if self.group is not None:
             dist.barrier(group=self.group)
+        stopped = Preempted(checkpoint, signal_name)
+        if self.group is None or dist.get_rank() == 0:
+            logger.warning("stopped at iteration %d on %s", iteration, stopped)
+        raise stopped

@@ -238,10 +238,7 @@ class PretrainTrainer:
                     break
                 fetch_start = time.perf_counter()
             progress.close()
-            epoch_done = self.iteration % self.iterations_per_epoch == 0
-            last = self.iteration >= self.max_iterations
-            eval_period = self.cfg.TEST.EVAL_PERIOD
-            if last or (epoch_done and eval_period and (self.iteration // self.iterations_per_epoch) % eval_period == 0):
+            if self.iteration >= self.max_iterations or self._evaluation_due_now():
                 result = self.evaluate_and_keep_best()
         self.stop.close()
         final = self._state()
@@ -271,13 +268,9 @@ class PretrainTrainer:
         if losses:
             self._log_window(losses, seconds, waited, progress)
         self.save_checkpoint(evaluation_due=self._evaluation_due_now())
-        self.stop.barrier()
         progress.close()
         self.metrics.close()
-        stopped = preemption.Preempted(self.last_checkpoint, signal_name)
-        if self.rank == 0:
-            logger.warning("stopped at iteration %d on %s", self.iteration, stopped)
-        raise stopped
+        self.stop.end_run(self.last_checkpoint, signal_name, self.iteration)
 
     def _checkpoint_time(self) -> bool:
         """Whether ``CHECKPOINT.PERIOD_MINUTES`` have passed since the last checkpoint (rank 0's

@@ -12,17 +12,17 @@ from pretrain.cli import UsageError, merge_config
 from pretrain.config import get_cfg
 from pretrain.validate import check_pretrain_cfg
 from study_runner.config import TRANSFERS, StudyConfigError, weights_file
-from study_runner.stages import detection_engine
+from study_runner.stages import data_root_options, detection_engine, processes_per_node
 
 
 def processes(cfg: CfgNode, kind: str) -> int:
-    node = cfg.RESOURCES[kind.upper()]
-    return node.NODES * max(node.GPUS_PER_NODE, 1)
+    """The processes a kind's tool will run, over all its nodes (what batches are shared by)."""
+    return cfg.RESOURCES[kind.upper()].NODES * processes_per_node(cfg, kind)
 
 
 def check_inputs(cfg: CfgNode) -> None:
     """``StudyConfigError`` naming the stage and what it could not use."""
-    data_root = ["DATA.ROOT", cfg.PRETRAIN.DATA_ROOT] if cfg.PRETRAIN.DATA_ROOT else []
+    data_root = data_root_options(cfg)
     for method in cfg.STUDY.METHODS:
         from_file = weights_file(cfg, method) is not None
         if from_file and not data_root:

@@ -106,6 +106,16 @@ def verify_result(cfg: CfgNode, method: str) -> Path:
     return pretrain_dir(cfg, method) / EVAL_RESULTS
 
 
+def processes_per_node(cfg: CfgNode, kind: str) -> int:
+    """A kind's tool processes per node: one per GPU, or one on a node without GPUs."""
+    return max(cfg.RESOURCES[kind.upper()].GPUS_PER_NODE, 1)
+
+
+def data_root_options(cfg: CfgNode) -> list[str]:
+    """``DATA.ROOT`` for every pretraining and file evaluation, when the study sets one."""
+    return ["DATA.ROOT", cfg.PRETRAIN.DATA_ROOT] if cfg.PRETRAIN.DATA_ROOT else []
+
+
 def build_stages(cfg: CfgNode, cuda: bool) -> list[Stage]:
     """Every stage of the study in a runnable order. ``cuda``: whether the stages will find GPUs
     where their kind asks for some (``RESOURCES.<KIND>.GPUS_PER_NODE``); the detection tools are
@@ -117,9 +127,9 @@ def build_stages(cfg: CfgNode, cuda: bool) -> list[Stage]:
     stages: list[Stage] = []
 
     def gpus(kind: str) -> list[str]:
-        return ["--num-gpus", str(max(cfg.RESOURCES[kind.upper()].GPUS_PER_NODE, 1))]
+        return ["--num-gpus", str(processes_per_node(cfg, kind))]
 
-    data_root = ["DATA.ROOT", cfg.PRETRAIN.DATA_ROOT] if cfg.PRETRAIN.DATA_ROOT else []
+    data_root = data_root_options(cfg)
     epsilon = f"{cfg.ROBUSTNESS.EPSILON:g}"
     for method in methods:
         run = pretrain_dir(cfg, method)

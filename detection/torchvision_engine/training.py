@@ -88,10 +88,10 @@ class TorchvisionTrainer:
             if done % LOG_PERIOD == 0 or done == cfg.SOLVER.MAX_ITER:
                 self.write_training_metrics(window, iteration)
                 window = []
-            self.after_step(done)
+            saved = self.after_step(done)
             stop_signal, _ = self.stop.poll()
             if stop_signal and done < cfg.SOLVER.MAX_ITER:
-                self.save_and_stop(stop_signal, window, iteration, done)
+                self.save_and_stop(stop_signal, window, iteration, done, saved)
         self.stop.close()
         if self.start >= cfg.SOLVER.MAX_ITER and self.rank == 0:
             logger.info("%s is already at iteration %d of %d: nothing to train", self.checkpointer.last(),
@@ -99,20 +99,16 @@ class TorchvisionTrainer:
         if dist.is_initialized():
             dist.barrier()  # every process's evaluate() must find rank 0's model_final.pth written
 
-    def save_and_stop(self, signal_name: str, window: list[dict[str, float]], iteration: int, done: int) -> None:
+    def save_and_stop(self, signal_name: str, window: list[dict[str, float]], iteration: int, done: int,
+                      saved: bool) -> None:
         """The cluster takes the machines back: log the window so far, save after ``done``
-        iterations (unless ``after_step`` just did) and end every process together."""
+        iterations (unless ``after_step`` just ``saved``) and end every process together."""
         if window:
             self.write_training_metrics(window, iteration)
         name = ckpt.checkpoint_name(done)
-        period = self.cfg.SOLVER.CHECKPOINT_PERIOD
-        if not (period > 0 and done % period == 0):
+        if not saved:
             self.save_checkpoint(name, done)
-        self.stop.barrier()
-        stopped = preemption.Preempted(self.output_dir / name, signal_name)
-        if self.rank == 0:
-            logger.warning("stopped at iteration %d on %s", done, stopped)
-        raise stopped
+        self.stop.end_run(self.output_dir / name, signal_name, done)
 
     # ------------------------------------------------------------------------------- set-up
     def with_synchronized_batchnorm(self, model: nn.Module) -> nn.Module:
@@ -149,20 +145,22 @@ class TorchvisionTrainer:
         self.optimizer.step()
         return averaged
 
-    def after_step(self, done: int) -> None:
+    def after_step(self, done: int) -> bool:
         """Detectron2's hooks in their order: PreciseBN, then the checkpoint, then the evaluation.
-        The final evaluation is ``train``'s, of ``model_final.pth``."""
+        The final evaluation is ``train``'s, of ``model_final.pth``. Whether it saved a checkpoint."""
         cfg = self.cfg
         final = done == cfg.SOLVER.MAX_ITER
         eval_due = cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and not final
         if final or eval_due:
             self.recompute_batchnorm_statistics()
-        if final or (cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0):
+        saves = final or (cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0)
+        if saves:
             self.save_checkpoint(ckpt.FINAL_NAME if final else ckpt.checkpoint_name(done), done)
         if eval_due:
             results = evaluate_model(self.model, cfg, self.device)
             if self.rank == 0:
                 append_metrics(self.output_dir, {"iteration": done - 1, **flatten_results(results)})
+        return saves
 
     def recompute_batchnorm_statistics(self) -> None:
         """Detectron2's PreciseBN: BN statistics averaged over ``NUM_ITER`` training batches with
