@@ -26,6 +26,7 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 RESUME_EXIT_STATUS = 75  # EX_TEMPFAIL: saved on a signal, run again with --resume
 
 _received: list[str] = []  # the names of the stop signals this process got, first first
+_WAITER = "stop-signal-waiter"  # the thread that takes the blocked signals
 
 
 def _note(signum, _frame) -> None:
@@ -33,44 +34,57 @@ def _note(signum, _frame) -> None:
 
 
 def stop_on_signals() -> None:
-    """From now on SIGUSR2 and SIGTERM do not end this process nor the data loader workers it
-    starts: they are noted, for the trainer to act on at its next iteration boundary. The
-    workers are forked so that they inherit this (a spawned worker would start with the default,
-    which ends it; a process started with the spawn method, as ``launch`` starts its ranks,
-    would spawn its own workers too)."""
+    """From now on SIGUSR2 and SIGTERM do not end this process, the processes it starts, nor the
+    data loader workers they start: they are noted, for the trainer to act on at its next
+    iteration boundary (elsewhere than on Linux, SLURM's platform: in this process only).
+
+    On Linux the signals are blocked in this thread, and so in every thread and process started
+    from it (a blocked signal mask survives fork and exec), and a thread of this process waits
+    for them. Loader workers start from a forkserver that imports this module: forked from a
+    process with one thread, not from a rank with gloo's threads running (which hung a worker
+    about once in a dozen runs), and with ``_keep_workers_running`` in place."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _note)
-    if sys.platform == "linux":  # SLURM's platform; elsewhere no signal reaches a tool's every process
-        multiprocessing.set_start_method("fork", force=True)
-        _keep_noting_in_loader_workers()
+        signal.signal(signum, _note)  # also reached by threads started before this call
+    if sys.platform != "linux" or any(thread.name == _WAITER for thread in threading.enumerate()):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    threading.Thread(target=_note_blocked_signals, name=_WAITER, daemon=True).start()
+    multiprocessing.set_start_method("forkserver", force=True)
+    multiprocessing.set_forkserver_preload(["__main__", __name__])
 
 
-def _keep_noting_in_loader_workers() -> None:
-    """A PyTorch loader worker starts by installing C handlers, one of which ends it on any
-    SIGTERM, and SLURM's reaches every process of the job: the trainer would then fail on a
-    dead worker instead of saving. After them, the worker hands SIGTERM to a thread of its
-    own, which ends the worker when its parent sends it (the loader shutting it down, as
-    PyTorch's handler does) and notes it otherwise."""
+def _note_blocked_signals() -> None:
+    while True:
+        _note(signal.sigwait(set(STOP_SIGNALS)), None)
+
+
+def _keep_workers_running() -> None:
+    """A PyTorch loader worker starts by installing a C handler that ends it on SIGTERM; it never
+    runs while the signal is blocked, so a worker of a trainer that stops on signals keeps
+    SLURM's SIGTERM pending and goes on. Its parent still ends it with SIGTERM (the loader
+    shutting down, multiprocessing at exit): after PyTorch's handlers, such a worker hands
+    SIGTERM to a thread that ends the worker when its parent sent it. Patches PyTorch's private
+    ``_set_worker_signal_handlers``, at import so that the forkserver passes it on."""
     from torch.utils.data._utils import signal_handling
 
     install = signal_handling._set_worker_signal_handlers
-    if getattr(install, "notes_stop_signals", False):
+    if getattr(install, "keeps_workers_running", False):
         return
 
-    def install_then_note() -> None:
+    def install_then_hand_over() -> None:
         install()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the worker's only thread, and its next ones
-        threading.Thread(target=_end_when_the_parent_asks, args=(os.getppid(),), daemon=True).start()
+        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+            parent = multiprocessing.parent_process()
+            threading.Thread(target=_end_when_the_parent_asks, args=(parent.pid,), daemon=True).start()
 
-    install_then_note.notes_stop_signals = True
-    signal_handling._set_worker_signal_handlers = install_then_note
+    install_then_hand_over.keeps_workers_running = True
+    signal_handling._set_worker_signal_handlers = install_then_hand_over
 
 
 def _end_when_the_parent_asks(parent: int) -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(0)
-        _received.append(signal.SIGTERM.name)
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def received() -> str | None:
@@ -137,3 +151,7 @@ class StopAgreement:
         if self.group is None or dist.get_rank() == 0:
             logger.warning("stopped at iteration %d on %s", iteration, stopped)
         raise stopped
+
+
+if sys.platform == "linux":
+    _keep_workers_running()
