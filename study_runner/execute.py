@@ -39,23 +39,24 @@ class _RunningTool:
     forwarded: str | None = None  # the first stop signal passed on to it
 
 
-_running: _RunningTool | None = None  # the tool this process runs now
+_running: dict[int, _RunningTool] = {}  # the tools this process runs now, by the thread that runs each
 
 
-def forward_to_tool(signum: int, wait_seconds: float = 0.0) -> int | None:
-    """Pass ``signum`` to the running tool and every process it started, then wait up to
-    ``wait_seconds`` for them to end: the tool's exit status, or None while it runs (or when
-    none runs). Safe in a signal handler: it never waits on the tool's process itself."""
-    tool = _running
-    if tool is None:
-        return None
-    tool.forwarded = tool.forwarded or signal.Signals(signum).name
-    try:
-        os.killpg(tool.process.pid, signum)
-    except ProcessLookupError:
-        pass
-    tool.output.join(wait_seconds)
-    return tool.process.poll()
+def forward_to_tool(signum: int, wait_seconds: float = 0.0) -> list[int | None]:
+    """Pass ``signum`` to every running tool and every process each started, then wait up to
+    ``wait_seconds`` in all for them to end: their exit statuses, None for one still running.
+    Safe in a signal handler: it never waits on a tool's process itself."""
+    tools = list(_running.values())
+    for tool in tools:
+        tool.forwarded = tool.forwarded or signal.Signals(signum).name
+        try:
+            os.killpg(tool.process.pid, signum)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_seconds
+    for tool in tools:
+        tool.output.join(max(deadline - time.monotonic(), 0.0))
+    return [tool.process.poll() for tool in tools]
 
 
 def _copy_output(source, stream, echo: bool) -> None:
@@ -81,29 +82,31 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def run_command(argv: list[str], log: Path, echo: bool, forwarded: list[str] | None = None) -> int:
+def run_command(argv: list[str], log: Path, echo: bool, forwarded: list[str] | None = None,
+                environment: dict[str, str] | None = None) -> int:
     """Run ``argv`` from the repository root, appending its output to ``log`` (and to our
-    stdout with ``echo``). Any exception here (a signal's handler included) ends the tool.
-    ``forwarded`` receives the stop signal passed on to the tool, if one was."""
-    global _running
+    stdout with ``echo``); ``environment``: variables set for it. Any exception here (a
+    signal's handler included) ends the tool. ``forwarded`` receives the stop signal passed on
+    to the tool, if one was."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as stream:
         stream.write(f"\n==== {records.now()} on {socket.gethostname()}\n$ {shlex.join(argv)}\n".encode())
         stream.flush()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                                   start_new_session=True, preexec_fn=_child_setup)
+                                   start_new_session=True, preexec_fn=_child_setup,
+                                   env={**os.environ, **environment} if environment else None)
         output = threading.Thread(target=_copy_output, args=(process.stdout, stream, echo), daemon=True)
         output.start()
-        _running = _RunningTool(process, output)
+        tool = _running[threading.get_ident()] = _RunningTool(process, output)
         try:
             output.join()  # a signal handler may wait on it too (forward_to_tool)
             return process.wait()
         finally:
             stop(process)
             output.join()
-            if forwarded is not None and _running.forwarded:
-                forwarded.append(_running.forwarded)
-            _running = None
+            if forwarded is not None and tool.forwarded:
+                forwarded.append(tool.forwarded)
+            del _running[threading.get_ident()]
 
 
 def weights_used(stage: Stage) -> dict | None:
@@ -115,9 +118,11 @@ def weights_used(stage: Stage) -> dict | None:
 
 
 def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str | None = None,
-              machines: tuple[int, int, str] | None = None) -> int:
+              machines: tuple[int, int, str] | None = None, share: dict | None = None) -> int:
     """One attempt at ``stage``; returns the tool's exit status. On a multi-node job every
-    node runs this; only node 0 (``machines[1] == 0``) keeps the record and the main log."""
+    node runs this; only node 0 (``machines[1] == 0``) keeps the record and the main log.
+    ``share``: what the local executor gives the stage (``{"gpus": [...], "cpus": n,
+    "environment": {...}}``), kept in its record."""
     resume = stage.resumable_now()
     argv = stage.argv(resume, machines)
     node = machines[1] if machines else 0
@@ -128,12 +133,13 @@ def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str
         records.update_record(output, stage.name, kind=stage.kind, command=argv, executor=executor, job_id=job_id,
                               host=socket.gethostname(), pid=os.getpid(), started_at=records.now(), ended_at=None,
                               exit_status=None, interrupted=None, resumed=resume, log=str(log),
-                              attempts=previous.get("attempts", 0) + 1, weights=weights_used(stage))
+                              attempts=previous.get("attempts", 0) + 1, weights=weights_used(stage),
+                              resources={k: v for k, v in share.items() if k != "environment"} if share else None)
     start = time.monotonic()
     total = previous.get("wall_seconds", 0.0)
     signals: list[str] = []  # the stop signal the tool got, once it has ended
     try:
-        status = run_command(argv, log, echo, signals)
+        status = run_command(argv, log, echo, signals, share["environment"] if share else None)
     except BaseException as error:  # a signal's handler (Ctrl-C, SLURM's requeue) stopped us
         if recording:
             records.update_record(output, stage.name, ended_at=records.now(),
@@ -141,7 +147,9 @@ def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str
                                   wall_seconds=total + time.monotonic() - start)
         raise
     if recording:
-        saved = {"interrupted": signals[0] if signals else "a stop signal"} if status == RESUME_EXIT_STATUS else {}
+        # a tool stopped by a signal passed on to it, or one that saved on a signal of its own
+        stopped = signals[0] if signals else ("a stop signal" if status == RESUME_EXIT_STATUS else None)
+        saved = {"interrupted": stopped} if stopped else {}
         records.update_record(output, stage.name, ended_at=records.now(), exit_status=status,
                               wall_seconds=total + time.monotonic() - start, **saved)
     return status

@@ -17,6 +17,7 @@ from detection import records as detection_records
 from detection.coco import load_coco_records
 from detection.voc import load_voc_split
 from pretrain.export import convert
+from study_runner import records
 from study_runner.config import StudyConfigError, load_study_cfg
 from study_runner.report import MISSING, write_report
 from tiny_study import DETECT_OPTS, PRETRAIN_OPTS, REPO, explain, make_data, run_study, study_command, write_config
@@ -56,7 +57,8 @@ def test_the_study_runs_every_stage_then_skips_them_all_when_run_again(finished_
     for name in ("comparison.json", "cost.json", "study_report.md", "study_report.json",
                  "study_report_detection.png", "study_report_classification.png"):
         assert (output / name).is_file(), name
-    assert "[1/11] pretrain.none\n" in first.stdout and "# SaliencyMix study report" in first.stdout
+    assert "[1/11] pretrain.none started on 1 CPU core" in first.stdout
+    assert "# SaliencyMix study report" in first.stdout  # the report stage's output, shown
     report = (output / "study_report.md").read_text()
     assert "| saliencymix | " in report and "78.48" in report and "23.68" in report  # the paper beside ours
     record = json.loads((output / "stages" / "pretrain.none.json").read_text())
@@ -93,7 +95,8 @@ def test_a_study_stopped_in_the_middle_of_a_stage_resumes_to_the_same_results(fi
     resumed = run_study(config)
     assert resumed.returncode == 0, explain(resumed)
     assert "pretrain.saliencymix (resuming)" in resumed.stdout
-    assert f"resumed from {interrupted / 'checkpoint_'}" in resumed.stdout
+    log = records.log_path(tmp_path / "output", "pretrain.saliencymix").read_text()
+    assert f"resumed from {interrupted / 'checkpoint_'}" in log
     assert outcome(tmp_path / "output") == outcome(reference)
     ours = torch.load(interrupted / "model_final.pth", weights_only=True)["model"]
     uninterrupted = torch.load(reference / "pretrain" / "saliencymix" / "model_final.pth", weights_only=True)["model"]
@@ -123,10 +126,10 @@ def test_arms_started_from_files_skip_pretraining_and_match_the_arms_trained_int
 
     result = run_study(config)
     assert result.returncode == 0, explain(result)
-    headers = [line for line in result.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
-    assert [header.split("] ")[1] for header in headers] == [
+    started = re.findall(r"^\[\d+/10\] (\S+) started", result.stdout, flags=re.MULTILINE)
+    assert sorted(started) == sorted([
         "verify.none", "robustness.none", "export.none", "detect.none.0", "verify.saliencymix",
-        "robustness.saliencymix", "export.saliencymix", "detect.saliencymix.0", "compare", "report"]
+        "robustness.saliencymix", "export.saliencymix", "detect.saliencymix.0", "compare", "report"])
     assert not (output / "pretrain" / "none" / "model_final.pth").exists()
 
     verified = json.loads((output / "pretrain" / "none" / "eval_results.json").read_text())

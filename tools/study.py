@@ -10,9 +10,11 @@ the detectors, time the training, and write one report that sets every figure be
     python tools/study.py --config-file configs/study/released_r50_voc.yaml \
         PRETRAIN.WEIGHTS_ROOT /data/released PRETRAIN.DATA_ROOT /data/imagenet       # from the authors' files
 
-Each stage runs a project tool with its normal command line (printed, so any stage can be rerun
-by hand). Arms listed under PRETRAIN.WEIGHTS start from a weights file instead of a pretraining. Run again, the study skips finished stages, resumes interrupted ones from their last
-checkpoint and retries failed ones. ``--executor local`` runs the stages one after another here;
+Each stage runs a project tool with its normal command line (at the top of its log, and in
+``--dry-run``: any stage can be rerun by hand). Arms listed under PRETRAIN.WEIGHTS start from a weights file instead of a
+pretraining. Run again, the study skips finished stages, resumes interrupted ones from their
+last checkpoint and retries failed ones. ``--executor local`` runs them here, independent stages at
+once as the machine's GPUs and cores allow (``RESOURCES.<KIND>``, ``--gpus``, ``--cpus``);
 ``--executor slurm`` queues a job per stage (an export in its pretraining's job, an arm's trials in one job
 array) with dependencies and returns (``--wait`` waits).
 Trailing ``KEY VALUE`` pairs override the study config (``DETECT.SEEDS "[0, 1]"``).
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from study_runner import records
 from study_runner.config import STAGE_KINDS, TRANSFERS, StudyConfigError, load_study_cfg
-from study_runner.local import run_local
+from study_runner.local import Budget, check_budget, run_local
 from study_runner.lock import StudyBusy
 from study_runner.preflight import check_inputs
 from study_runner.report import REPORT_MARKDOWN, format_markdown, write_report
@@ -50,13 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="a study config (configs/study/)")
     parser.add_argument("--executor", choices=("local", "slurm"), default="local",
-                        help="local: stages one after another on this machine (default); slurm: jobs with dependencies")
+                        help="local: on this machine, independent stages at once within --gpus/--cpus (default); "
+                             "slurm: jobs with dependencies")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--dry-run", action="store_true", help="print the stages, their commands and jobs; run nothing")
     action.add_argument("--status", action="store_true",
                         help="print where every stage stands and write the report of what is done so far")
     action.add_argument("--report", action="store_true", help="only write the study report (the last stage)")
     parser.add_argument("--wait", action="store_true", help="slurm: wait until the study's jobs have left the queue")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="local: the GPUs the study may use at once (default: all this machine has)")
+    parser.add_argument("--cpus", type=int, metavar="N",
+                        help="local: the CPU cores the study may use at once (default: all this process may use)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the study config")
     return parser.parse_args(argv)
 
@@ -78,16 +85,10 @@ def transfers_enabled(cfg) -> bool:
     return any(cfg[section].ENABLED for section in TRANSFERS.values())
 
 
-def stages_for(cfg, executor: str):
-    """The stages, told whether they will find GPUs: here (local), or on the nodes (slurm: where
-    their kind's resources ask for some)."""
-    if executor == "slurm":
-        cuda = True
-    else:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    return build_stages(cfg, cuda)
+def stages_for(cfg, executor: str, budget: Budget | None):
+    """The stages, told whether they will find GPUs: here (local: in the budget), or on the
+    nodes (slurm: where their kind's resources ask for some)."""
+    return build_stages(cfg, cuda=executor == "slurm" or bool(budget and budget.gpus))
 
 
 def dry_run(cfg, stages, executor: str) -> None:
@@ -141,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         print(format_markdown(report))
         print(f"wrote {output / REPORT_MARKDOWN}")
         return 0
-    stages = stages_for(cfg, args.executor)
+    try:
+        budget = Budget.of_this_machine(args.gpus, args.cpus) if args.executor == "local" else None
+        stages = stages_for(cfg, args.executor, budget)
+        if budget:
+            check_budget(stages, cfg, budget)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.dry_run:
         dry_run(cfg, stages, args.executor)
         return 0
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     (output / STUDY_CONFIG).write_text(cfg.dump())
     try:
         if args.executor == "local":
-            return run_local(stages, output)
+            return run_local(stages, cfg, budget)
         jobs = submit_study(cfg, stages, output)
         if not args.wait:
             print(f"{len(jobs)} stages in {len(set(map(array_job, jobs.values())))} jobs in the queue; "
