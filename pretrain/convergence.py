@@ -13,8 +13,8 @@ mixed), moves by more than the change they judge.
 - loss not rising: the line through the loss windows of the last fifth does not rise by more than
   twice its standard error (a rise the noise of the windows does not explain). That error comes
   from the windows' logged standard errors where they were logged: a dozen windows are too few
-  to measure their own scatter (a mixing arm's last three once read 0.80, 0.82, 0.90 over a flat
-  per-epoch mean); runs logged without them fall back on the line's residuals;
+  to measure their own scatter (an example from the demo: docs/pretraining.md, convergence
+  checks); runs logged without them fall back on the line's residuals;
 - plateaued: the line through the validation top-1 errors from the evaluation at or before four
   fifths of training to the final one falls by at most ``PLATEAU_POINTS`` over that span (with
   those two evaluations alone, their difference); this needs an evaluation before the last fifth

@@ -89,8 +89,8 @@ def official_fine_grained(images: torch.Tensor) -> torch.Tensor:
     H x W x C float32 array, the map cast with ``(map * 255).astype("uint8")``; those levels / 255.
 
     OpenCV's detector reads its grey image as 8-bit, so on float input it reads bytes rather than
-    values: these maps say little about the picture (README: SaliencyMix as published and as
-    described). Only OpenCV itself reproduces that, one image at a time.
+    values: these maps say little about the picture (docs/saliencymix.md: SaliencyMix as
+    published and as described). Only OpenCV itself reproduces that, one image at a time.
     """
     import cv2
 

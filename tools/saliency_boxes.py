@@ -6,8 +6,8 @@ std as the official transforms do, get the fine-grained saliency peak two ways: 
 (the official code hands the normalised float tensor to OpenCV: ``saliency_on="official"``) and
 as described (the map of the pixels: ``saliency_on="pixels"``). The figure shows, per mode, a
 heat map of the box centres (the peaks) and how often each pixel lies inside the box (lam drawn
-from Beta(1, 1)), then a few crops with both boxes; the figures printed are those the README
-quotes.
+from Beta(1, 1)), then a few crops with both boxes; the figures printed are those
+docs/saliencymix.md quotes.
 
     python tools/saliency_boxes.py --output docs/saliency_boxes.png   # scikit-image photos
     python tools/saliency_boxes.py path/to/folder --crops 4 --output boxes.png
@@ -66,7 +66,7 @@ def correlations(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
 
 
 def findings(maps, peaks, top_rows: int, images: int) -> dict:
-    """The figures the README quotes."""
+    """The figures docs/saliencymix.md quotes."""
     r = correlations(maps["official"], maps["pixels"])
     crops = len(r)
     summary = {"images": images, "crops": crops, "r_official_vs_pixels_mean": float(r.mean()),
