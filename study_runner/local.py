@@ -27,9 +27,9 @@ from study_runner.stages import Stage, processes_per_node
 
 STATUS_SECONDS = {True: 2.0, False: 60.0}  # how often the status line is shown: on a terminal, in a log
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# How far a stage is, from its log: the pretraining's and torchvision engine's "iteration 17/24",
-# Detectron2's "iter: 49".
-PROGRESS = re.compile(r"\b(?:epoch [\d.]+\s+)?iter(?:ation)?:? +\d+(?:/\d+)?")
+# How far a stage is, from its log: the pretraining's "epoch 1.08  iteration 100/1488", the
+# torchvision engine's "iter 49/150", Detectron2's "iter: 49".
+PROGRESS = re.compile(r"(?:epoch [\d.]+\s+)?iteration \d+/\d+|\biter \d+/\d+|\biter: \d+")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 import stage_tool
 from helpers.preemption import RESUME_EXIT_STATUS
 from study_runner import records
+from study_runner.local import progress
 from study_runner.stages import LAST_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +94,15 @@ def test_a_study_interrupted_with_two_stages_running_resumes_both(tmp_path):
     for name in "ab":
         assert ran(tmp_path, name)["resumed"]
         assert records.read_record(tmp_path / "study", name)["attempts"] == 2
+
+
+def test_the_status_line_shows_how_far_each_trainer_is_from_its_log(tmp_path):
+    log = tmp_path / "stage.log"
+    assert progress(log) is None  # not started yet
+    log.write_text("INFO pretrain.engine: epoch 1.08  iteration 100/1488  loss 1.2\n"
+                   "INFO pretrain.engine: iteration 186: top-1 error 40.20% on 500 images\n")
+    assert progress(log) == "epoch 1.08  iteration 100/1488"  # not the evaluation's line
+    with open(log, "a") as stream:
+        stream.write("INFO detection: iter 49/150  loss 0.9  lr 0.005\n")  # the torchvision engine
+        stream.write("[d2.utils.events]:  eta: 0:00:41  iter: 59  total_loss: 0.8\n")  # Detectron2
+    assert progress(log) == "iter: 59"
