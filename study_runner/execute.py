@@ -118,11 +118,12 @@ def weights_used(stage: Stage) -> dict | None:
 
 
 def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str | None = None,
-              machines: tuple[int, int, str] | None = None, share: dict | None = None) -> int:
+              machines: tuple[int, int, str] | None = None, resources: dict | None = None,
+              environment: dict[str, str] | None = None) -> int:
     """One attempt at ``stage``; returns the tool's exit status. On a multi-node job every
     node runs this; only node 0 (``machines[1] == 0``) keeps the record and the main log.
-    ``share``: what the local executor gives the stage (``{"gpus": [...], "cpus": n,
-    "environment": {...}}``), kept in its record."""
+    ``resources``: what the local executor gives the stage (kept in its record), through
+    ``environment`` (variables set for the tool)."""
     resume = stage.resumable_now()
     argv = stage.argv(resume, machines)
     node = machines[1] if machines else 0
@@ -134,12 +135,12 @@ def run_stage(stage: Stage, output: Path, executor: str, echo: bool, job_id: str
                               host=socket.gethostname(), pid=os.getpid(), started_at=records.now(), ended_at=None,
                               exit_status=None, interrupted=None, resumed=resume, log=str(log),
                               attempts=previous.get("attempts", 0) + 1, weights=weights_used(stage),
-                              resources={k: v for k, v in share.items() if k != "environment"} if share else None)
+                              resources=resources)
     start = time.monotonic()
     total = previous.get("wall_seconds", 0.0)
     signals: list[str] = []  # the stop signal the tool got, once it has ended
     try:
-        status = run_command(argv, log, echo, signals, share["environment"] if share else None)
+        status = run_command(argv, log, echo, signals, environment)
     except BaseException as error:  # a signal's handler (Ctrl-C, SLURM's requeue) stopped us
         if recording:
             records.update_record(output, stage.name, ended_at=records.now(),

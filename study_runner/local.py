@@ -78,29 +78,29 @@ class Machine:
         self.cfg = cfg
         self.cuda = bool(budget.gpus)
 
-    def demand(self, stage: Stage) -> Share:
-        """What ``stage`` asks for, cut to the whole budget (so that it can run, alone if need be)."""
+    def demand(self, stage: Stage) -> tuple[int, int]:
+        """How many GPUs and cores ``stage`` asks for, the cores cut to the whole budget (so that
+        it can run, alone if need be)."""
         kind = self.cfg.RESOURCES[stage.kind.upper()]
-        gpus = kind.GPUS_PER_NODE if self.cuda else 0
-        return Share(tuple(range(gpus)), min(kind.CPUS_PER_NODE, self.budget.cpus))
+        return (kind.GPUS_PER_NODE if self.cuda else 0), min(kind.CPUS_PER_NODE, self.budget.cpus)
 
     def take(self, stage: Stage) -> Share | None:
         """The stage's share if it fits in what is free now (then it is no longer free)."""
-        wanted = self.demand(stage)
-        if len(wanted.gpus) > len(self.free_gpus) or wanted.cpus > self.free_cpus:
+        gpus, cpus = self.demand(stage)
+        if gpus > len(self.free_gpus) or cpus > self.free_cpus:
             return None
-        gpus, self.free_gpus = tuple(self.free_gpus[:len(wanted.gpus)]), self.free_gpus[len(wanted.gpus):]
-        self.free_cpus -= wanted.cpus
-        return Share(gpus, wanted.cpus)
+        given, self.free_gpus = tuple(self.free_gpus[:gpus]), self.free_gpus[gpus:]
+        self.free_cpus -= cpus
+        return Share(given, cpus)
 
     def give_back(self, share: Share) -> None:
         self.free_gpus = sorted(self.free_gpus + list(share.gpus))
         self.free_cpus += share.cpus
 
-    def record(self, stage: Stage, share: Share) -> dict:
-        """``run_stage``'s ``share``: the GPUs and cores, and the variables that give them."""
+    def environment(self, stage: Stage, share: Share) -> dict[str, str]:
+        """The variables that give ``stage`` its share."""
         processes = processes_per_node(self.cfg, stage.kind) if stage.distributed else 1
-        return {"gpus": list(share.gpus), "cpus": share.cpus, "environment": share.environment(processes, self.cuda)}
+        return share.environment(processes, self.cuda)
 
 
 def check_budget(stages: list[Stage], cfg, budget: Budget) -> None:
@@ -166,7 +166,7 @@ def run_local(stages: list[Stage], cfg, budget: Budget) -> int:
                 log = records.log_path(output, stage.name)
                 status.say(f"{header}{resuming} started on {describe(share)}; log: {log}")
                 run = running[stage.name] = _Running(stage, share, time.monotonic(), header)
-                threading.Thread(target=_run, args=(run, output, machine.record(stage, share), ended),
+                threading.Thread(target=_run, args=(run, output, machine.environment(stage, share), ended),
                                  daemon=True).start()
             else:
                 continue
@@ -200,10 +200,12 @@ def run_local(stages: list[Stage], cfg, budget: Budget) -> int:
     return summarize(outcome, stages, output)
 
 
-def _run(run: _Running, output: Path, share: dict, ended: queue.Queue) -> None:
+def _run(run: _Running, output: Path, environment: dict[str, str], ended: queue.Queue) -> None:
     """In a thread of its own: one attempt at the stage, its exit status to ``ended``."""
+    resources = {"gpus": list(run.share.gpus), "cpus": run.share.cpus}
     try:
-        exit_status = run_stage(run.stage, output, executor="local", echo=run.echoes, share=share)
+        exit_status = run_stage(run.stage, output, executor="local", echo=run.echoes, resources=resources,
+                                environment=environment)
     except Exception as error:  # noqa: BLE001  (an attempt that could not start fails its stage only)
         print(f"error: stage {run.stage.name}: {error}", file=sys.stderr, flush=True)
         exit_status = 1
