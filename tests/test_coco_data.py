@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from coco_tree import CLASSES, write_coco_tree
 from detection.coco import coco_categories, coco_json, load_coco_records
 from detection.config import get_detection_cfg
 from detection.datasets import COCODataset, check_class_count, resolve
+from tool_process import run_tool
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +136,11 @@ def test_train_net_names_the_bad_json_before_starting(tree, tmp_path, breakage, 
         data = json.loads(json_file.read_text())
         BREAKAGES[breakage][0](data)
         json_file.write_text(json.dumps(data))
-    run = subprocess.run([sys.executable, str(REPO / "tools/train_net.py"), "--engine", "torchvision",
-                          "--config-file", str(REPO / "configs/detection/coco/mask_rcnn_R50_FPN_1x.yaml"),
-                          "TRANSFER.COCO_ROOT", str(root), "TRANSFER.DATASET_NAME", "tiny",
-                          "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
-                          "MODEL.ROI_HEADS.NUM_CLASSES", "3", "OUTPUT_DIR", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    run = run_tool("tools/train_net.py", "--engine", "torchvision",
+                   "--config-file", REPO / "configs/detection/coco/mask_rcnn_R50_FPN_1x.yaml",
+                   "TRANSFER.COCO_ROOT", root, "TRANSFER.DATASET_NAME", "tiny",
+                   "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
+                   "MODEL.ROI_HEADS.NUM_CLASSES", "3", "OUTPUT_DIR", tmp_path / "run")
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("error: dataset tiny_train: ") and message in run.stderr and str(json_file) in run.stderr
     assert not (tmp_path / "run").exists()

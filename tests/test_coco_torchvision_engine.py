@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from detection.torchvision_engine.inference import evaluate_model
 from detection.torchvision_engine.model import build_detector, build_model
 from pretrain import checkpoint as ckpt
 from pretrain.export import convert
+from tool_process import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 MASK_RCNN = REPO / "configs/detection/coco/mask_rcnn_R50_FPN_1x.yaml"
@@ -138,9 +137,8 @@ def trained(files, tmp_path_factory) -> Path:
     """tools/train_net.py with the Mask R-CNN R50-FPN config: three iterations, a checkpoint at
     two, then box and mask evaluation of model_final.pth."""
     output = tmp_path_factory.mktemp("coco_run")
-    run = subprocess.run([sys.executable, str(REPO / "tools/train_net.py"), "--engine", "torchvision",
-                          "--config-file", str(MASK_RCNN), *tiny_overrides(files, output)],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    run = run_tool("tools/train_net.py", "--engine", "torchvision", "--config-file", MASK_RCNN,
+                   *tiny_overrides(files, output), timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return output
 

@@ -2,8 +2,6 @@
 what is allowed, exit status 2, no traceback, nothing written to OUTPUT_DIR."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -12,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from tool_process import run_tool
 from voc_tree import CLASSES, write_voc_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +96,7 @@ def test_bad_input_is_one_error_line_with_exit_status_2(case, data, tmp_path):
                 "train_net.py": detect_options}.get(script)
     arguments = [*(flag.replace("OUT", str(output)) for flag in flags),
                  *(defaults(data, output) if defaults else []), *(value.format(**data) for value in overrides)]
-    finished = subprocess.run([sys.executable, str(REPO / "tools" / script), *arguments], capture_output=True,
-                              text=True, timeout=300, cwd=REPO)
+    finished = run_tool(f"tools/{script}", *arguments)
     assert finished.returncode == 2, finished.stderr[-3000:]
     errors = finished.stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: "), finished.stderr[-3000:]

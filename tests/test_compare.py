@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from detection.report import (
     write_report,
 )
 from detection.stats import t_quantile, welch_interval
+from tool_process import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "tools" / "compare.py"
@@ -256,8 +256,7 @@ def test_files_are_written_and_match_the_report(report, tmp_path):
 
 
 def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CLI), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return run_tool(CLI, *args, cwd=cwd, timeout=120)
 
 
 def test_cli_end_to_end(runs_root, tmp_path):

@@ -3,14 +3,13 @@ windows, the ratio to the no-mixing baseline, and the errors for runs it cannot 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pretrain.config import get_cfg
 from pretrain.cost import cost_table, read_run
+from tool_process import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +48,9 @@ def test_cost_report_gives_seconds_per_epoch_and_ratio_to_the_baseline(tmp_path)
             fabricate_run(tmp_path / "salmix_sample", "saliencymix", 0.90, MIX__BOX="sample"),
             fabricate_run(tmp_path / "salmix_official", "saliencymix", 0.72, MIX__SALIENCY_ON="official"),
             fabricate_run(tmp_path / "cutmix", "cutmix", 0.63)]
-    command = [sys.executable, str(REPO / "tools/cost_report.py"), *map(str, runs), "--output", str(tmp_path / "c.json")]
-    printed = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    finished = run_tool("tools/cost_report.py", *runs, "--output", tmp_path / "c.json")
+    assert finished.returncode == 0, finished.stderr
+    printed = finished.stdout
     rows = report(*runs)
     by_method = {row["method"]: row for row in rows}
     assert [row["method"] for row in rows][0] == "none"
@@ -79,6 +79,5 @@ def test_cost_report_refuses_runs_it_cannot_compare(tmp_path):
     (salmix / "metrics.json").write_text('{"iteration": 1}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.json:2: not a JSON line"):
         report(salmix)
-    command = [sys.executable, str(REPO / "tools/cost_report.py"), str(other), str(tmp_path / "nowhere")]
-    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    finished = run_tool("tools/cost_report.py", other, tmp_path / "nowhere")
     assert finished.returncode != 0 and "nowhere/config.yaml does not exist" in finished.stderr

@@ -10,17 +10,16 @@ Commands are read from fenced code blocks and inline code. A command holding a p
 from __future__ import annotations
 
 import functools
-import json
 import re
 import shlex
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+
+from tool_process import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -179,40 +178,9 @@ STUDY_RUNS = sorted({command.args if "--dry-run" in command.args else ("--dry-ru
                      and not NOT_DRY_RUN.intersection(command.args)})
 
 
-def run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-# Every study command shown, with --dry-run, in one process (one import of the tool).
-DRY_RUNS = """
-import contextlib, importlib.util, io, json, sys
-spec = importlib.util.spec_from_file_location("study_tool", "tools/study.py")
-study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study)
-results = []
-for argv in json.loads(sys.argv[1]):
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        try:
-            status = study.main(argv)
-        except SystemExit as stop:
-            status = stop.code
-    results.append([status if isinstance(status, int) else 1, output.getvalue()[-3000:]])
-print(json.dumps(results))
-"""
-
-
 @functools.cache
-def tool_outputs() -> tuple[dict[str, subprocess.CompletedProcess], dict[tuple[str, ...], list]]:
-    """Each tool's ``--help`` and the study's dry runs, side by side (the imports dominate)."""
-    tools = [tool for tool in TOOLS if (ROOT / "tools" / f"{tool}.py").is_file()]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        helps = {tool: pool.submit(run, [sys.executable, f"tools/{tool}.py", "--help"]) for tool in tools}
-        dry = pool.submit(run, [sys.executable, "-c", DRY_RUNS, json.dumps([list(args) for args in STUDY_RUNS])])
-        helps = {tool: future.result() for tool, future in helps.items()}
-        dry = dry.result()
-    assert dry.returncode == 0, dry.stderr
-    return helps, dict(zip(STUDY_RUNS, json.loads(dry.stdout.splitlines()[-1])))
+def tool_help(tool: str) -> subprocess.CompletedProcess:
+    return run_tool(f"tools/{tool}.py", "--help")
 
 
 def test_the_pages_show_links_and_the_tools_commands():
@@ -234,8 +202,7 @@ def test_every_tool_shown_exists_with_the_options_shown(tool):
     shown = [command for command in COMMANDS if command.tool == tool]
     assert (ROOT / "tools" / f"{tool}.py").is_file(), \
         f"tools/{tool}.py does not exist; shown in: " + "; ".join(f"{c.page}: {c.text}" for c in shown)
-    helps, _ = tool_outputs()
-    result = helps[tool]
+    result = tool_help(tool)
     assert result.returncode == 0, f"tools/{tool}.py --help failed:\n{result.stderr}"
     unknown = [f"{command.page}: {option} in `{command.text}`" for command in shown for option in command.options
                if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", result.stdout)]
@@ -244,8 +211,8 @@ def test_every_tool_shown_exists_with_the_options_shown(tool):
 
 @pytest.mark.parametrize("args", STUDY_RUNS, ids=" ".join)
 def test_every_study_command_shown_passes_a_dry_run(args):
-    _, dry_runs = tool_outputs()
-    status, output = dry_runs[args]
+    result = run_tool("tools/study.py", *args)
+    status, output = result.returncode, (result.stdout + result.stderr)[-3000:]
     shown = sorted({f"{c.page}: {c.text}" for c in COMMANDS if c.tool == "study"
                     and args in (c.args, ("--dry-run", *c.args))})
     assert status == 0, f"python tools/study.py {' '.join(args)} exited {status}; shown in:\n" + \

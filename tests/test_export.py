@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,6 @@ import pytest
 import torch
 import torchvision
 
-from pretrain.atomic_file import atomic_write
-from pretrain.export import convert, detectron2_to_torchvision
 from helpers import weights
 from helpers.weights import (
     WeightsError,
@@ -28,6 +25,9 @@ from helpers.weights import (
     resnet_depth,
     strip_wrapper_prefixes,
 )
+from pretrain.atomic_file import atomic_write
+from pretrain.export import convert, detectron2_to_torchvision
+from tool_process import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "tools" / "convert_to_d2.py"
@@ -470,8 +470,7 @@ def test_torchvision_format_needs_the_classifier(r50, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CLI), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return run_tool(CLI, *args, timeout=120)
 
 
 def test_cli_prints_summary(sources, tmp_path):

@@ -86,15 +86,19 @@ def pretraining_command(root: Path, output: Path, *extra: str) -> list[str]:
             "CHECKPOINT.PERIOD", "0", "CHECKPOINT.EPOCH_END", "False", "TEST.EVAL_PERIOD", "2"]
 
 
-@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: s.name)
-def test_pretraining_saves_on_a_stop_signal_and_resumes_to_the_same_weights_and_metrics(
-        imagenet, uninterrupted_pretraining, tmp_path, signum):  # noqa: F811
-    status, text, logged = signalled_run(pretraining_command(imagenet, tmp_path), tmp_path, signum, after_records=6)
-    assert status == RESUME_EXIT_STATUS, text[-4000:]
-    saved = ckpt.load(ckpt.Checkpointer(tmp_path, 1).last())["iteration"]
-    assert f"on {signum.name}: saved" in text and saved < 24
-    assert saved <= logged + 2  # the agreement between processes lags one iteration: none is trained twice
-    assert records(tmp_path)[-1]["iteration"] == saved  # the iterations since the last row are logged too
+def test_pretraining_saves_on_each_stop_signal_and_resumes_to_the_same_weights_and_metrics(
+        imagenet, uninterrupted_pretraining, tmp_path):  # noqa: F811
+    """Stopped by SIGUSR2, resumed, stopped again by SIGTERM, resumed to the end."""
+    saved = 0
+    for signum, after_records in zip(STOP_SIGNALS, (6, 14)):
+        extra = ("--resume",) if saved else ()
+        status, text, logged = signalled_run(pretraining_command(imagenet, tmp_path, *extra), tmp_path, signum,
+                                             after_records)
+        assert status == RESUME_EXIT_STATUS, text[-4000:]
+        previous, saved = saved, ckpt.load(ckpt.Checkpointer(tmp_path, 1).last())["iteration"]
+        assert f"on {signum.name}: saved" in text and previous < saved < 24
+        assert saved <= logged + 2  # the agreement between processes lags one iteration: none is trained twice
+        assert records(tmp_path)[-1]["iteration"] == saved  # the iterations since the last row are logged too
 
     resumed = run_tool(pretraining_command(imagenet, tmp_path, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

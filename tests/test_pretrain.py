@@ -6,8 +6,6 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -20,10 +18,11 @@ from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.cli import UsageError
 from pretrain.config import get_cfg
-from pretrain.data import RobustImageFolder, ResumableDistributedSampler, ShardSampler, train_transform
+from pretrain.data import ResumableDistributedSampler, RobustImageFolder, ShardSampler, train_transform
 from pretrain.engine import IMAGE_INDEX, PretrainTrainer, build_lr_schedule, mean_and_standard_error
 from pretrain.image_index import build_index, load_index
 from pretrain.validate import check_pretrain_cfg
+from tool_process import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "pretrain").glob("r*.yaml"))
@@ -95,9 +94,9 @@ def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
 
 
 def test_two_process_ddp_through_the_command_line(imagenet, tmp_path):
-    command = [sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
-               str(REPO / "configs/pretrain/r50_cutmix.yaml"), "--num-gpus", "2", *cli_overrides(imagenet, tmp_path)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = ["--config-file", REPO / "configs/pretrain/r50_cutmix.yaml", "--num-gpus", "2",
+               *cli_overrides(imagenet, tmp_path)]
+    run = run_tool("tools/pretrain_net.py", *command)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     # 33 training files over 2 processes x 4 images per batch: 4 iterations per epoch.
@@ -105,8 +104,7 @@ def test_two_process_ddp_through_the_command_line(imagenet, tmp_path):
     assert result["bad_train_images"] >= 1
     state = ckpt.load(tmp_path / ckpt.checkpoint_name(8))
     assert state["world_size"] == 2 and len(state["rng"]["mixers"]) == 2
-    evaluation = subprocess.run([*command[:6], "--eval-only", *command[6:]], capture_output=True, text=True,
-                                timeout=300)
+    evaluation = run_tool("tools/pretrain_net.py", "--eval-only", *command)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert json.loads(evaluation.stdout.strip().splitlines()[-1])["top1_error"] == result["top1_error"]
 
@@ -298,10 +296,9 @@ def test_distinct_unreadable_files_are_listed_across_processes_epochs_and_resume
     root = tmp_path / "imagenet"
     shutil.copytree(imagenet, root)
     (root / "train" / "n00000002" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    command = [sys.executable, str(REPO / "tools/pretrain_net.py"), "--config-file",
-               str(REPO / "configs/pretrain/r50_none.yaml"), "--num-gpus", "2",
+    command = ["--config-file", REPO / "configs/pretrain/r50_none.yaml", "--num-gpus", "2",
                *cli_overrides(root, tmp_path / "run"), "SOLVER.EPOCHS", "3", "SOLVER.STEP_EPOCHS", "(2,)"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = run_tool("tools/pretrain_net.py", *command)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["bad_train_images"] == 2 and result["train_image_replacements"] == 6  # 2 files x 3 epochs
@@ -313,7 +310,7 @@ def test_distinct_unreadable_files_are_listed_across_processes_epochs_and_resume
     # Resumed from the end of epoch 1: the list keeps both files, the counts go on from there.
     (tmp_path / "run" / ckpt.LAST_POINTER).write_text(ckpt.checkpoint_name(8))
     (tmp_path / "run" / "bad_images.txt").unlink()
-    resumed = subprocess.run([*command[:2], "--resume", *command[2:]], capture_output=True, text=True, timeout=300)
+    resumed = run_tool("tools/pretrain_net.py", "--resume", *command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert again["bad_train_images"] == 2 and again["train_image_replacements"] == 6

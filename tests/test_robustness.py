@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from cifar_archive import cifar_cfg, write_cifar
 from pretrain.engine import PretrainTrainer
 from pretrain.robustness import Normalized, evaluate_fgsm, fgsm
+from tool_process import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def eval_robustness(run: Path, *arguments: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "tools/eval_robustness.py"), "--config-file", str(run / "config.yaml"),
-               *arguments]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    return run_tool("tools/eval_robustness.py", "--config-file", run / "config.yaml", *arguments)
 
 
 def evaluate(run: Path, *arguments: str) -> None:

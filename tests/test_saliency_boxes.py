@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tool_process import run_tool
 
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("matplotlib")
@@ -24,9 +24,8 @@ def test_the_tool_draws_both_placements_and_writes_its_figures(tmp_path):
         cv2.imwrite(str(folder / name), rng.integers(0, 256, (80, 120, 3), dtype=np.uint8))
     (folder / "notes.txt").write_text("not an image")
     output = tmp_path / "out" / "boxes.png"
-    result = subprocess.run([sys.executable, str(REPO / "tools/saliency_boxes.py"), str(folder), "--crops", "3",
-                             "--size", "64", "--top-rows", "8", "--examples", "2", "--output", str(output)],
-                            capture_output=True, text=True, cwd=REPO)
+    result = run_tool("tools/saliency_boxes.py", folder, "--crops", "3", "--size", "64", "--top-rows", "8",
+                      "--examples", "2", "--output", output)
     assert result.returncode == 0, result.stderr
     figures = json.loads(output.with_suffix(".json").read_text())
     assert figures["images"] == 2 and figures["crops"] == 6
@@ -36,6 +35,5 @@ def test_the_tool_draws_both_placements_and_writes_its_figures(tmp_path):
 
 
 def test_an_empty_folder_is_one_error_line(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "tools/saliency_boxes.py"), str(tmp_path)],
-                            capture_output=True, text=True, cwd=REPO)
+    result = run_tool("tools/saliency_boxes.py", tmp_path)
     assert result.returncode == 1 and result.stderr.startswith("error: no images"), result.stderr

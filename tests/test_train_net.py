@@ -12,6 +12,7 @@ import torchvision
 
 from detection import records
 from pretrain.export import convert
+from tool_process import run_tool
 from voc_tree import CLASSES, write_voc_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +37,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 
 
 def train_net(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools/train_net.py"), *arguments],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return run_tool("tools/train_net.py", *arguments, timeout=timeout)
 
 
 def overrides(voc: Path, output: Path, weights: Path) -> list[str]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from tool_process import run_tool
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Checkpoints at the end of each epoch only (every 3 iterations here): a ResNet-50 checkpoint after
@@ -46,7 +48,7 @@ def study_command(config: Path, *arguments: str) -> list[str]:
 
 
 def run_study(config: Path, *arguments: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(study_command(config, *arguments), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return run_tool("tools/study.py", "--config-file", config, *arguments, timeout=timeout)
 
 
 def explain(result: subprocess.CompletedProcess) -> str:
