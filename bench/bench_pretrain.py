@@ -9,20 +9,29 @@ It also counts how often one step makes the host wait for the GPU (a value read 
 upload): on CUDA as its sync debug mode reports them over a whole step; without CUDA, counted for
 the mixer alone on a stand-in device (common.SyncCounter).
 
+Then the same step (no mixing) fed by the training loader over real photographs as ImageNet
+JPEGs, with each DATA.BACKEND: images/s and the share of the step spent waiting for the loader
+(the trainer's ``data_time``; the study's cost table marks arms above 10% as input-bound).
+
     python bench/bench_pretrain.py                          # ResNet-50; batch 128 on a GPU, 16 on a CPU
-    python bench/bench_pretrain.py --batch-size 256 --steps 20 --amp
+    python bench/bench_pretrain.py --batch-size 256 --steps 20 --amp --workers 8
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torchvision
-from common import BENCH_MIXERS, SyncCounter, normalise
+from common import BENCH_MIXERS, SyncCounter, normalise, write_photographs
 
+from pretrain.config import get_cfg
+from pretrain.data import build_train_loader
+from pretrain.device_pipeline import batch_preparer
 from pretrain.engine import training_step
 from pretrain.mix import build_mixer
 
@@ -53,6 +62,39 @@ def stand_in_syncs(mixer, images: torch.Tensor, labels: torch.Tensor) -> int:
     return len(counter.syncs)
 
 
+def loader_fed_steps(model, optimizer, scaler, mixer, args, batch: int, steps: int, amp_dtype,
+                     device: torch.device) -> dict[str, tuple[float, float]]:
+    """Per DATA.BACKEND: (images/s, share of the wall time spent waiting for the loader) over
+    ``steps`` training steps after one warm-up step, each fed by the training loader."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        write_photographs(Path(folder), batch * (steps + 1))
+        for backend in ("pil", "device"):
+            cfg = get_cfg()
+            cfg.merge_from_list(["DATA.ROOT", folder, "MODEL.NUM_CLASSES", "1", "DATA.BACKEND", backend,
+                                 "DATA.IMAGE_SIZE", str(args.size), "DATA.NUM_WORKERS", str(args.workers),
+                                 "SOLVER.BATCH_SIZE", str(batch)])
+            _, sampler, loader = build_train_loader(cfg, pin_memory=device.type == "cuda")
+            prepare = batch_preparer(cfg, train=True, device=device)
+            sampler.set_epoch(0)
+            waited, batches = 0.0, iter(loader)
+            for step in range(steps + 1):
+                if step == 1:  # the first step pays for the workers' start
+                    synchronise(device)
+                    start, waited = time.perf_counter(), 0.0
+                fetch = time.perf_counter()
+                encoded, labels, _ = next(batches)
+                waited += time.perf_counter() - fetch
+                images, labels, _, host_images = prepare(encoded, labels)
+                training_step(model, optimizer, scaler, mixer, images.contiguous(memory_format=torch.channels_last),
+                              labels, amp_dtype, host_images)
+            synchronise(device)
+            seconds = time.perf_counter() - start
+            results[backend] = (batch * steps / seconds, waited / seconds)
+            del batches, loader
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
@@ -62,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="timed steps per round (default 20 on a GPU, 2 on a CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all mixers, interleaved (median)")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers for the loader-fed steps")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -110,6 +153,12 @@ def main(argv=None) -> None:
         slowdown = step / baseline - 1
         verdict = "" if allowed is None else f"target <= {allowed:.0%}: {'met' if slowdown <= allowed else 'NOT met'}"
         print(f"{label:<26}{batch / step:>10.1f}{slowdown:>+9.2%}{syncs[label]:>7}  {verdict}")
+
+    fed = loader_fed_steps(model, optimizer, scaler, mixers["none"], args, batch, steps, amp_dtype, device)
+    print(f"fed by the training loader ({args.workers} workers, real photographs as 500 x 375 JPEGs), no mixing:")
+    print(f"{'DATA.BACKEND':<26}{'images/s':>10}{'data wait':>11}")
+    for backend, (rate, wait) in fed.items():
+        print(f"{backend:<26}{rate:>10.1f}{wait:>11.1%}{'  input-bound (over 10%)' if wait > 0.10 else ''}")
 
 
 if __name__ == "__main__":

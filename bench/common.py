@@ -1,10 +1,14 @@
-"""What both benchmarks share: the mixers they measure (with the overhead each may add, as a
-fraction of a ResNet-50 training step), the batch they measure them on, and a counter of the
-host-device synchronisations a step would make on a GPU."""
+"""What the benchmarks share: the mixers they measure (with the overhead each may add, as a
+fraction of a ResNet-50 training step), the batch they measure them on, a counter of the
+host-device synchronisations a step would make on a GPU, and a folder of real photographs as
+ImageNet JPEGs."""
+import statistics
 import traceback
 from pathlib import Path
 
+import skimage.data
 import torch
+from PIL import Image
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
@@ -19,6 +23,22 @@ BENCH_MIXERS = {  # label -> (build_mixer arguments, allowed overhead or None)
     "saliencymix box=batch": (dict(name="saliencymix", box="batch", mean=IMAGENET_MEAN, std=IMAGENET_STD), 0.01),
     "saliencymix box=sample": (dict(name="saliencymix", box="sample", mean=IMAGENET_MEAN, std=IMAGENET_STD), 0.02),
 }
+
+
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+JPEG_SIZE, JPEG_QUALITY = (500, 375), 95  # ImageNet's most common size; its JPEGs average about 110 KB
+
+
+def write_photographs(root: Path, images: int) -> float:
+    """``root/train/n00000000/`` with ``images`` JPEGs (scikit-image's photographs in turn, each
+    file encoded on its own); their mean size in KB."""
+    folder = root / "train" / "n00000000"
+    folder.mkdir(parents=True)
+    photographs = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(JPEG_SIZE)
+                   for name in PHOTOGRAPHS]
+    for index in range(images):
+        photographs[index % len(photographs)].save(folder / f"{index:05d}.JPEG", quality=JPEG_QUALITY)
+    return statistics.mean(path.stat().st_size for path in folder.iterdir()) / 1000
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:

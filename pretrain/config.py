@@ -7,6 +7,11 @@ from fvcore.common.config import CfgNode as CN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# AlexNet's PCA of ImageNet RGB pixels, used for its lighting noise (and by the official code).
+LIGHTING_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+LIGHTING_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
+                         (-0.5808, -0.0045, -0.8140),
+                         (-0.5836, -0.6948, 0.4203))
 
 
 def get_cfg() -> CN:
@@ -43,6 +48,9 @@ def get_cfg() -> CN:
     cfg.DATA.COLOR_JITTER = 0.4  # brightness, contrast and saturation
     cfg.DATA.LIGHTING_STD = 0.1  # AlexNet-style PCA lighting noise
     cfg.DATA.NUM_WORKERS = 8  # per process
+    # pil: decode and augment in the loader workers | device: the workers read bytes, the training
+    # device decodes and augments the batch (ImageFolder with the imagenet augmentation)
+    cfg.DATA.BACKEND = "pil"
     cfg.DATA.MAX_BAD_IMAGE_RETRIES = 10  # unreadable images replaced in a row before giving up
 
     cfg.MIX = CN()

@@ -4,6 +4,10 @@ wall time per epoch, and that time relative to training without mixing.
 A run's time comes from its ``metrics.json`` lines, each of which holds the wall seconds and the
 iterations of one logging window (evaluation excluded); a resumed run simply adds windows. The
 method and the setup come from the ``config.yaml`` that ``tools/pretrain_net.py`` writes.
+
+Each row also gives the share of the step time spent waiting for the loader (the windows'
+``data_time``): above ``INPUT_BOUND`` the run was input-bound, and its time per epoch measures
+the loader, not the method.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ BASELINE = "none"
 SETUP_KEYS = ("MODEL.ARCH", "DATA.DATASET", "DATA.IMAGE_SIZE", "SOLVER.BATCH_SIZE")
 # ImageNet ResNet-50 training time (hours) per method, as the paper reports it.
 PAPER_HOURS = {"none": 0.83, "cutout": 0.84, "mixup": 0.87, "cutmix": 0.89, "saliencymix": 0.91}
+INPUT_BOUND = 0.10  # share of the step time spent waiting for data
 
 
 @dataclass
@@ -29,6 +34,7 @@ class RunCost:
     setup: dict
     seconds_per_epoch: float
     epochs_timed: float
+    data_wait: float  # share of the timed seconds spent waiting for the loader
 
 
 def method_label(cfg: CfgNode) -> str:
@@ -47,23 +53,25 @@ def method_label(cfg: CfgNode) -> str:
 
 def read_run(run: Path) -> RunCost:
     cfg = read_config(run)
-    seconds = iterations = 0.0
+    seconds = iterations = waited = 0.0
     per_epoch = None
     for record in read_metrics(run):
         if "window_seconds" in record:
             seconds += record["window_seconds"]
             iterations += record["window_iterations"]
+            waited += record.get("data_time", 0.0) * record["window_iterations"]
             per_epoch = record["iterations_per_epoch"]
     if not iterations:
         raise ValueError(f"{run / 'metrics.json'} has no timed training windows (window_seconds); "
                          "train longer than LOG_PERIOD iterations")
     setup = {key: cfg[key.split(".")[0]][key.split(".")[1]] for key in SETUP_KEYS}
-    return RunCost(run, method_label(cfg), setup, seconds / iterations * per_epoch, iterations / per_epoch)
+    return RunCost(run, method_label(cfg), setup, seconds / iterations * per_epoch, iterations / per_epoch,
+                   waited / seconds if seconds else 0.0)
 
 
 def cost_table(runs: list[RunCost]) -> list[dict]:
     """One row per method (runs of a method averaged): seconds per epoch and the ratio to the
-    no-mixing baseline, beside the paper's ratio."""
+    no-mixing baseline, beside the paper's ratio, and the share of it spent waiting for data."""
     if not runs:
         raise ValueError("no runs given")
     for key in SETUP_KEYS:
@@ -82,7 +90,9 @@ def cost_table(runs: list[RunCost]) -> list[dict]:
     for method, group in sorted(by_method.items(), key=lambda item: (item[0] != BASELINE, item[0])):
         seconds = statistics.mean(run.seconds_per_epoch for run in group)
         paper = PAPER_HOURS.get(method)
+        data_wait = max(run.data_wait for run in group)
         rows.append({"method": method, "runs": len(group), "epochs_timed": sum(run.epochs_timed for run in group),
                      "seconds_per_epoch": seconds, "relative": seconds / baseline,
-                     "paper_relative": paper / PAPER_HOURS[BASELINE] if paper else None})
+                     "paper_relative": paper / PAPER_HOURS[BASELINE] if paper else None,
+                     "data_wait": data_wait, "input_bound": data_wait > INPUT_BOUND})
     return rows

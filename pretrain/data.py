@@ -22,15 +22,12 @@ from torchvision import transforms
 from torchvision.datasets.folder import default_loader
 
 from pretrain.cifar import CifarSplit, read_cifar
+from pretrain.config import LIGHTING_EIGENVALUES, LIGHTING_EIGENVECTORS
+from pretrain.device_pipeline import TrainDraw, collate_encoded, no_draw, read_encoded
 from pretrain.image_index import ImageIndex, build_index, load_index, save_index
 
 logger = logging.getLogger(__name__)
 
-# AlexNet's PCA of ImageNet RGB pixels, used for its lighting noise (and by the official code).
-_LIGHTING_EIGENVALUES = (0.2175, 0.0188, 0.0045)
-_LIGHTING_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009),
-                          (-0.5808, -0.0045, -0.8140),
-                          (-0.5836, -0.6948, 0.4203))
 DATA_ROOT_ENV = "IMAGENET_ROOT"
 
 
@@ -39,8 +36,8 @@ class Lighting:
 
     def __init__(self, alpha_std: float):
         self.alpha_std = alpha_std
-        self.eigenvalues = torch.tensor(_LIGHTING_EIGENVALUES)
-        self.eigenvectors = torch.tensor(_LIGHTING_EIGENVECTORS)
+        self.eigenvalues = torch.tensor(LIGHTING_EIGENVALUES)
+        self.eigenvectors = torch.tensor(LIGHTING_EIGENVECTORS)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if self.alpha_std == 0:
@@ -88,10 +85,15 @@ def val_transform(cfg, normalize: bool = True) -> transforms.Compose:
 
 
 def seeded(transform, image, seed: int, epoch: int, index: int) -> torch.Tensor:
-    """``transform(image)`` with its randomness drawn from ``(seed, epoch, index)``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+    """``transform(image)`` with its randomness drawn from ``(seed, epoch, index)``. Only the CPU
+    generator, where the transforms draw, is seeded and restored: ``torch.manual_seed`` also
+    seeds every accelerator's, 140 us an image."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+    try:
         return transform(image)
+    finally:
+        torch.set_rng_state(state)
 
 
 def resolve_data_root(cfg) -> Path:
@@ -121,10 +123,12 @@ class RobustImageFolder(Dataset):
     with their path and replaced by the next readable one; each item carries the paths it
     replaced (newline-joined, a string so the default collate keeps it) so the trainer can list
     them across worker processes. Each sample's random augmentation is seeded by
-    ``(seed, epoch, index)``."""
+    ``(seed, epoch, index)``. ``load`` reads a file: PIL's loader, or (``DATA.BACKEND device``)
+    its bytes for the training device to decode."""
 
-    def __init__(self, index: ImageIndex, transform, seed: int, max_retries: int):
+    def __init__(self, index: ImageIndex, transform, seed: int, max_retries: int, load=default_loader):
         self.index = index
+        self.load = load
         self.classes = index.classes
         self.transform = transform
         self.seed = seed
@@ -139,7 +143,7 @@ class RobustImageFolder(Dataset):
         while True:
             path, label = self.index.path(index), self.index.label(index)
             try:
-                image = default_loader(path)
+                image = self.load(path)
                 break
             except Exception as error:  # any decoder failure: truncated, corrupt, not an image
                 unreadable.append(path)
@@ -182,7 +186,8 @@ def shared_index(folder: Path, cache: Path | None) -> ImageIndex:
     return load_index(cache, folder)
 
 
-def build_dataset(cfg, train: bool, transform, index_cache: Path | None = None) -> RobustImageFolder | CifarDataset:
+def build_dataset(cfg, train: bool, transform, index_cache: Path | None = None,
+                  load=default_loader) -> RobustImageFolder | CifarDataset:
     """The training or validation split named by ``DATA.DATASET``, checked against
     ``MODEL.NUM_CLASSES``; an ImageFolder's index is kept under ``index_cache`` when given."""
     if cfg.DATA.DATASET not in DATASETS:
@@ -191,7 +196,7 @@ def build_dataset(cfg, train: bool, transform, index_cache: Path | None = None) 
     if cfg.DATA.DATASET == "imagefolder":
         split = cfg.DATA.TRAIN_DIR if train else cfg.DATA.VAL_DIR
         index = shared_index(root / split, index_cache / ("train" if train else "val") if index_cache else None)
-        dataset = RobustImageFolder(index, transform, cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES)
+        dataset = RobustImageFolder(index, transform, cfg.SEED, cfg.DATA.MAX_BAD_IMAGE_RETRIES, load)
     else:
         dataset = CifarDataset(read_cifar(root, cfg.DATA.DATASET, train), transform, cfg.SEED)
     if len(dataset.classes) > cfg.MODEL.NUM_CLASSES:
@@ -269,13 +274,17 @@ def per_process_batch(total: int, world_size: int, what: str) -> int:
 def build_train_loader(cfg, pin_memory: bool,
                        index_cache: Path | None = None) -> tuple[Dataset, ResumableDistributedSampler, DataLoader]:
     rank, world_size = world()
-    dataset = build_dataset(cfg, True, train_transform(cfg), index_cache)
+    if cfg.DATA.BACKEND == "device":
+        dataset, collate = build_dataset(cfg, True, TrainDraw(cfg), index_cache, read_encoded), collate_encoded
+    else:
+        dataset, collate = build_dataset(cfg, True, train_transform(cfg), index_cache), None
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, cfg.SEED)
     batch = per_process_batch(cfg.SOLVER.BATCH_SIZE, world_size, "SOLVER.BATCH_SIZE")
     if sampler.per_replica < batch:
         raise ValueError(f"{len(dataset)} training images give fewer than one batch of {batch} per process")
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.DATA.NUM_WORKERS,
-                        pin_memory=pin_memory, drop_last=True, persistent_workers=cfg.DATA.NUM_WORKERS > 0)
+                        pin_memory=pin_memory, drop_last=True, persistent_workers=cfg.DATA.NUM_WORKERS > 0,
+                        collate_fn=collate)
     return dataset, sampler, loader
 
 
@@ -284,8 +293,11 @@ def build_val_loader(cfg, pin_memory: bool, normalize: bool = True, index_cache:
     workers persist between evaluations: starting them again took 1.5 s of each 4.5 s evaluation
     of the demo's 500 images (one core)."""
     rank, world_size = world()
-    dataset = build_dataset(cfg, False, val_transform(cfg, normalize), index_cache)
+    if cfg.DATA.BACKEND == "device":
+        dataset, collate = build_dataset(cfg, False, no_draw, index_cache, read_encoded), collate_encoded
+    else:
+        dataset, collate = build_dataset(cfg, False, val_transform(cfg, normalize), index_cache), None
     batch = max(1, math.ceil(cfg.TEST.BATCH_SIZE / world_size))
     return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), world_size, rank),
                       num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory,
-                      persistent_workers=cfg.DATA.NUM_WORKERS > 0)
+                      persistent_workers=cfg.DATA.NUM_WORKERS > 0, collate_fn=collate)

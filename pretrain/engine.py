@@ -32,6 +32,7 @@ from helpers.metrics_file import drop_records_after
 from pretrain import checkpoint as ckpt
 from pretrain.atomic_file import atomic_write
 from pretrain.data import build_train_loader, build_val_loader, per_process_batch, unreadable_paths, world
+from pretrain.device_pipeline import batch_preparer
 from pretrain.evaluation import classification_errors
 from pretrain.losses import soft_target_cross_entropy
 from pretrain.mix import BatchMixer, build_mixer_from_config
@@ -159,6 +160,8 @@ class PretrainTrainer:
         index_cache = Path(cfg.OUTPUT_DIR) / IMAGE_INDEX  # the folders' file lists, for every process and attempt
         self.dataset, self.sampler, self.loader = build_train_loader(cfg, pin_memory=pin, index_cache=index_cache)
         self.val_loader = build_val_loader(cfg, pin_memory=pin, index_cache=index_cache)
+        self.prepare_train = batch_preparer(cfg, train=True, device=self.device)
+        self.prepare_val = batch_preparer(cfg, train=False, device=self.device)
         self.iterations_per_epoch = len(self.loader)
         self.total_iterations = cfg.SOLVER.EPOCHS * self.iterations_per_epoch
         self.max_iterations = min(cfg.SOLVER.MAX_ITER or self.total_iterations, self.total_iterations)
@@ -210,10 +213,11 @@ class PretrainTrainer:
             progress = tqdm(total=self.iterations_per_epoch, initial=start, desc=f"epoch {epoch}",
                             disable=not self.show_progress, dynamic_ncols=True, leave=False)
             tick = fetch_start = time.perf_counter()  # evaluation time is not training time
-            for images, labels, unreadable in self.loader:
+            for batch, labels, unreadable in self.loader:
                 waited += time.perf_counter() - fetch_start
-                losses.append((self.iteration, self._step(images, labels)))
-                found = unreadable_paths(unreadable)
+                loss, undecodable = self._step(batch, labels)
+                losses.append((self.iteration, loss))
+                found = unreadable_paths(unreadable) + undecodable
                 self.unreadable.update(found)
                 self.replacements += len(found)
                 self.iteration += 1
@@ -254,13 +258,16 @@ class PretrainTrainer:
         self.metrics.close()
         return {**result, "bad_train_images": len(bad), "train_image_replacements": replacements}
 
-    def _step(self, host_images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = host_images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+    def _step(self, batch, labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """One training step on a loader batch: its loss, and the files found undecodable in it."""
+        images, labels, undecodable, host_images = self.prepare_train(batch, labels)
+        images = images.contiguous(memory_format=self.memory_format)
         lr = self.base_lr * self.schedule(self.iteration / self.total_iterations)
         for group, factor in zip(self.optimizer.param_groups, self.lr_factors):
             group["lr"] = lr * factor
-        return training_step(self.network, self.optimizer, self.scaler, self.mixer, images, labels, self.amp_dtype,
+        loss = training_step(self.network, self.optimizer, self.scaler, self.mixer, images, labels, self.amp_dtype,
                              host_images)
+        return loss, undecodable
 
     def _save_and_stop(self, signal_name: str, losses, seconds: float, waited: float, progress) -> None:
         """The cluster takes the machines back: log the iterations since the last log line, save
@@ -329,7 +336,7 @@ class PretrainTrainer:
         if self.world_size > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
-        result = classification_errors(self.model, self.val_loader, self.device, self.memory_format)
+        result = classification_errors(self.model, self.val_loader, self.prepare_val, self.device, self.memory_format)
         self.model.train()
         return result
 

@@ -13,6 +13,7 @@ from helpers.distributed import all_reduce_sum, local_device
 from helpers.weights import ResNetSource, WeightsError, read_classifier_state
 from pretrain.cli import UsageError
 from pretrain.data import build_val_loader, unreadable_paths
+from pretrain.device_pipeline import batch_preparer
 from pretrain.models import build_model
 
 EVAL_RESULTS = "eval_results.json"  # what --eval-only writes into OUTPUT_DIR (Detectron2's tools use the name too)
@@ -42,14 +43,15 @@ def load_classifier(cfg, path: Path) -> tuple[nn.Module, ResNetSource]:
 
 
 @torch.no_grad()
-def classification_errors(model: nn.Module, loader, device: torch.device,
+def classification_errors(model: nn.Module, loader, prepare, device: torch.device,
                           memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """Top-1 and top-5 error (percent) of ``model`` (in eval mode) over this process's share of
     the validation loader, summed over all processes; ranked on float32 logits (bf16 ties would
     blur the ranking)."""
     correct1 = correct5 = total = replaced_total = 0
-    for images, labels, unreadable in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    for batch, labels, unreadable in loader:
+        images, labels, undecodable, _ = prepare(batch, labels)
+        images = images.contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         logits = model(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -57,7 +59,7 @@ def classification_errors(model: nn.Module, loader, device: torch.device,
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
         total += labels.numel()
-        replaced_total += len(unreadable_paths(unreadable))
+        replaced_total += len(unreadable_paths(unreadable)) + len(undecodable)
     correct1, correct5, total, replaced_total = all_reduce_sum([correct1, correct5, total, replaced_total], device)
     if total == 0:
         raise ValueError("the validation set is empty")
@@ -73,6 +75,7 @@ def evaluate_weights(cfg, path: Path) -> dict:
     model, source = load_classifier(cfg, path)
     model = model.to(device, memory_format=memory_format).eval()
     loader = build_val_loader(cfg, pin_memory=device.type == "cuda")
+    prepare = batch_preparer(cfg, train=False, device=device)
     return {"weights": str(path), "form": source.form, "arch": cfg.MODEL.ARCH, "num_classes": cfg.MODEL.NUM_CLASSES,
             "val_resize": cfg.DATA.VAL_RESIZE, "image_size": cfg.DATA.IMAGE_SIZE,
-            **classification_errors(model, loader, device, memory_format)}
+            **classification_errors(model, loader, prepare, device, memory_format)}

@@ -41,15 +41,16 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return logits.detach(), adversarial
 
 
-def evaluate_fgsm(model: nn.Module, loader, epsilon: float, device: torch.device) -> dict:
+def evaluate_fgsm(model: nn.Module, loader, prepare, epsilon: float, device: torch.device) -> dict:
     """Top-1 accuracy (%) on clean and on FGSM-attacked images, every image of the (sharded)
     loader counted once over all processes. ``model`` takes [0, 1] images (see ``Normalized``)."""
     if epsilon < 0:
         raise ValueError(f"epsilon must be at least 0, got {epsilon}")
     model.eval().requires_grad_(False)
     clean = attacked = total = 0
-    for images, labels, _ in loader:
-        images, labels = images.to(device), labels.to(device)
+    for batch, labels, _ in loader:
+        images, labels, _, _ = prepare(batch, labels)
+        labels = labels.to(device)
         logits, adversarial = fgsm(model, images, labels, epsilon)
         with torch.no_grad():
             attacked += int((model(adversarial).argmax(1) == labels).sum())

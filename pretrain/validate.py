@@ -10,6 +10,7 @@ import torch
 from pretrain.cifar import LAYOUTS
 from pretrain.cli import UsageError, check_choice
 from pretrain.data import AUGMENTATIONS, DATASETS, resolve_data_root
+from pretrain.device_pipeline import BACKENDS
 from pretrain.engine import AMP_DTYPES, SCHEDULES, build_lr_schedule
 from pretrain.mix import build_mixer_from_config
 from pretrain.models import build_model
@@ -21,6 +22,11 @@ def check_pretrain_cfg(cfg, train: bool = True, world_size: int = 1) -> None:
     the batches)."""
     check_choice("DATA.DATASET", cfg.DATA.DATASET, DATASETS)
     check_choice("DATA.AUGMENT", cfg.DATA.AUGMENT, AUGMENTATIONS)
+    check_choice("DATA.BACKEND", cfg.DATA.BACKEND, BACKENDS)
+    if cfg.DATA.BACKEND == "device" and (cfg.DATA.DATASET, cfg.DATA.AUGMENT) != ("imagefolder", "imagenet"):
+        raise UsageError(f"DATA.BACKEND device decodes ImageFolder JPEGs with the imagenet augmentation; this config "
+                         f"has DATA.DATASET {cfg.DATA.DATASET!r} and DATA.AUGMENT {cfg.DATA.AUGMENT!r}: use "
+                         "DATA.BACKEND pil")
     check_choice("SOLVER.SCHEDULE", cfg.SOLVER.SCHEDULE, SCHEDULES)
     check_choice("SOLVER.AMP_DTYPE", cfg.SOLVER.AMP_DTYPE, tuple(AMP_DTYPES))
     for key, value in (("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES), ("SOLVER.BATCH_SIZE", cfg.SOLVER.BATCH_SIZE),

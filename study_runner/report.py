@@ -205,10 +205,15 @@ def cost_table_rows(cfg: CfgNode, paper: PaperTable | None) -> dict:
     for method in cfg.STUDY.METHODS:
         cost = measured.get(method, {})
         hours = paper and published(paper.cost_hours, method)
+        wait = cost.get("data_wait")
         rows.append(row(method, cost.get("relative"), hours / baseline_hours if hours and baseline_hours else None,
-                        seconds_per_epoch=NOT_TRAINED if weights_file(cfg, method) else cost.get("seconds_per_epoch")))
+                        seconds_per_epoch=NOT_TRAINED if weights_file(cfg, method) else cost.get("seconds_per_epoch"),
+                        data_wait=None if wait is None else
+                        f"{wait:.1%}" + (" (input-bound: the loader's time, not the method's)" if cost["input_bound"]
+                                         else "")))
     return {"name": "cost", "title": f"Training time per epoch relative to {cfg.STUDY.BASELINE!r}",
-            "value": "relative time", "columns": {"seconds_per_epoch": "s / epoch"}, "rows": rows}
+            "value": "relative time", "columns": {"seconds_per_epoch": "s / epoch", "data_wait": "waiting for data"},
+            "rows": rows}
 
 
 def weights_files(cfg: CfgNode) -> list[dict]:

@@ -19,7 +19,7 @@ def report(*runs: Path) -> list[dict]:
 
 
 def fabricate_run(folder: Path, method: str, seconds_per_iteration: float, iterations_per_epoch: int = 50,
-                  windows: int = 6, log_period: int = 20, **overrides) -> Path:
+                  windows: int = 6, log_period: int = 20, data_time: float = 0.0, **overrides) -> Path:
     """A run folder as tools/pretrain_net.py leaves it: config.yaml, and metrics.json with training
     windows interleaved with evaluation lines (which carry no time)."""
     folder.mkdir(parents=True)
@@ -32,7 +32,7 @@ def fabricate_run(folder: Path, method: str, seconds_per_iteration: float, itera
     lines = []
     for window in range(1, windows + 1):
         iteration = window * log_period
-        lines.append({"iteration": iteration, "loss": 2.0, "lr": 0.1, "images_per_second": 1.0, "data_time": 0.0,
+        lines.append({"iteration": iteration, "loss": 2.0, "lr": 0.1, "images_per_second": 1.0, "data_time": data_time,
                       "epoch": iteration / iterations_per_epoch, "iterations_per_epoch": iterations_per_epoch,
                       "window_iterations": log_period, "window_seconds": log_period * seconds_per_iteration})
         if window == 3:
@@ -81,3 +81,15 @@ def test_cost_report_refuses_runs_it_cannot_compare(tmp_path):
         report(salmix)
     finished = run_tool("tools/cost_report.py", other, tmp_path / "nowhere")
     assert finished.returncode != 0 and "nowhere/config.yaml does not exist" in finished.stderr
+
+
+def test_an_arm_that_waited_for_data_over_a_tenth_of_its_steps_is_marked_input_bound(tmp_path):
+    """The windows' data_time (seconds per iteration) against their wall time: the cost of an
+    input-bound arm measures its loader."""
+    runs = [fabricate_run(tmp_path / "none", "none", 0.50, data_time=0.02),
+            fabricate_run(tmp_path / "salmix", "saliencymix", 0.50, data_time=0.10)]
+    rows = {row["method"]: row for row in report(*runs)}
+    assert rows["none"]["data_wait"] == pytest.approx(0.04) and not rows["none"]["input_bound"]
+    assert rows["saliencymix"]["data_wait"] == pytest.approx(0.2) and rows["saliencymix"]["input_bound"]
+    printed = run_tool("tools/cost_report.py", *runs).stdout
+    assert "4.0%" in printed and "20.0% (input-bound)" in printed

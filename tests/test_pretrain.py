@@ -113,9 +113,10 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.parametrize("backend", ["pil", "device"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_killed_mid_epoch_and_resumed_ends_with_identical_weights_and_metrics(imagenet, tmp_path, workers):
-    options = {"DATA.NUM_WORKERS": workers, "MIX.BOX": "sample"}
+def test_killed_mid_epoch_and_resumed_ends_with_identical_weights_and_metrics(imagenet, tmp_path, workers, backend):
+    options = {"DATA.NUM_WORKERS": workers, "MIX.BOX": "sample", "DATA.BACKEND": backend}
     uninterrupted = PretrainTrainer(tiny_cfg(imagenet, tmp_path / "a", **options))
     uninterrupted.train()
 

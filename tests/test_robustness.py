@@ -36,7 +36,7 @@ def test_fgsm_moves_every_pixel_by_epsilon_within_the_valid_range():
     assert loss(model(adversarial), labels) > loss(model(images), labels)
     assert torch.equal(fgsm(model, images, labels, epsilon=0)[1], images)
     with pytest.raises(ValueError, match="epsilon must be at least 0"):
-        evaluate_fgsm(model, [], -1, torch.device("cpu"))
+        evaluate_fgsm(model, [], None, -1, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,13 @@ from pretrain.cost import cost_table, read_run
 
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'method':<26}{'runs':>5}{'epochs timed':>14}{'s / epoch':>12}{'h / epoch':>11}"
-             f"{'relative':>10}{'paper':>8}"]
+             f"{'relative':>10}{'paper':>8}{'data wait':>11}"]
     for row in rows:
         paper = f"{row['paper_relative']:.3f}" if row["paper_relative"] else "-"
+        wait = f"{row['data_wait']:.1%}" + (" (input-bound)" if row["input_bound"] else "")
         lines.append(f"{row['method']:<26}{row['runs']:>5}{row['epochs_timed']:>14.2f}"
                      f"{row['seconds_per_epoch']:>12.1f}{row['seconds_per_epoch'] / 3600:>11.4f}"
-                     f"{row['relative']:>10.3f}{paper:>8}")
+                     f"{row['relative']:>10.3f}{paper:>8}{wait:>11}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from pretrain.checkpoint import weights_to_evaluate
 from pretrain.cli import check_launch, merge_config, reports_usage_errors
 from pretrain.config import get_cfg
 from pretrain.data import build_val_loader, world
+from pretrain.device_pipeline import batch_preparer
 from pretrain.evaluation import check_weights, load_classifier
 from pretrain.robustness import PAPER_FGSM_ACCURACY, Normalized, evaluate_fgsm
 from pretrain.validate import check_pretrain_cfg
@@ -50,8 +51,9 @@ def main(cfg, args) -> dict:
     device = local_device()
     model = Normalized(load_classifier(cfg, weights)[0], cfg.DATA.MEAN, cfg.DATA.STD).to(device)
     loader = build_val_loader(cfg, pin_memory=device.type == "cuda", normalize=False)
+    prepare = batch_preparer(cfg, train=False, device=device, normalize=False)
     result = {"weights": str(weights), "method": cfg.MIX.NAME, "arch": cfg.MODEL.ARCH,
-              "dataset": cfg.DATA.DATASET, **evaluate_fgsm(model, loader, args.epsilon, device)}
+              "dataset": cfg.DATA.DATASET, **evaluate_fgsm(model, loader, prepare, args.epsilon, device)}
     if world()[0] == 0:
         output = args.output or result_path(weights, args.epsilon)
         atomic_write_json(output, result)
