@@ -125,7 +125,7 @@ class DeviceDecoder:
         encoded = [at for at, image in enumerate(batch.images) if image.encoded]
         try:
             pixels = decode_jpeg([batch.images[at].data for at in encoded], mode=ImageReadMode.RGB,
-                                 device=self.device)
+                                 device=self.device) if encoded else []
         except RuntimeError:  # one file refused: decode them one by one to find it
             pixels = [self._decode_one(batch.images[at]) for at in encoded]
         for at, image in zip(encoded, pixels):

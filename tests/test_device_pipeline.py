@@ -109,6 +109,7 @@ def test_files_the_device_decoder_does_not_take_are_decoded_on_the_cpu_and_logge
     assert labels.tolist() == [0, 1, 2, 4, 4] and torch.equal(images[3], images[4])
     cpu = [record.getMessage() for record in caplog.records if "on the CPU" in record.getMessage()]
     assert len(cpu) == 2 and "cmyk.JPEG (JPEG CMYK)" in cpu[0] and "png.JPEG (PNG RGB)" in cpu[1]
+    assert prepare(*collate_encoded(items[:2])[:2])[0].shape == (2, 3, 224, 224)  # none for the device decoder
     # the same pixels as PIL's loader gives them
     assert (images[0] - prepare(*collate_encoded([items[4]])[:2])[0][0]).abs().mean() < 0.1
 
