@@ -336,7 +336,8 @@ class PretrainTrainer:
         if self.world_size > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
-        result = classification_errors(self.model, self.val_loader, self.prepare_val, self.device, self.memory_format)
+        result = classification_errors(self.model, self.val_loader, self.prepare_val, self.device,
+                                       self.memory_format)
         self.model.train()
         return result
 

@@ -46,8 +46,9 @@ def load_classifier(cfg, path: Path) -> tuple[nn.Module, ResNetSource]:
 def classification_errors(model: nn.Module, loader, prepare, device: torch.device,
                           memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """Top-1 and top-5 error (percent) of ``model`` (in eval mode) over this process's share of
-    the validation loader, summed over all processes; ranked on float32 logits (bf16 ties would
-    blur the ranking)."""
+    the validation loader (its batches made the network's input by ``prepare``, see
+    ``pretrain.device_pipeline.batch_preparer``), summed over all processes; ranked on float32
+    logits (bf16 ties would blur the ranking)."""
     correct1 = correct5 = total = replaced_total = 0
     for batch, labels, unreadable in loader:
         images, labels, undecodable, _ = prepare(batch, labels)
