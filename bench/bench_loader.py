@@ -23,17 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import JPEG_QUALITY, JPEG_SIZE, write_photographs
+from common import JPEG_QUALITY, JPEG_SIZE, synchronise, write_photographs
 from torch.utils.data import DataLoader
 
 from pretrain.config import get_cfg
-from pretrain.data import build_dataset, train_transform
-from pretrain.device_pipeline import TrainDraw, batch_preparer, collate_encoded, read_encoded
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from pretrain.data import backend_dataset
+from pretrain.device_pipeline import batch_preparer
 
 
 def worker_seconds(dataset, count: int) -> float:
@@ -47,10 +42,7 @@ def worker_seconds(dataset, count: int) -> float:
 def measure(cfg, backend: str, device: torch.device, workers: int, batch: int, rounds: int) -> dict:
     cfg = cfg.clone()
     cfg.DATA.BACKEND = backend
-    if backend == "device":
-        dataset, collate = build_dataset(cfg, True, TrainDraw(cfg), load=read_encoded), collate_encoded
-    else:
-        dataset, collate = build_dataset(cfg, True, train_transform(cfg)), None
+    dataset, collate = backend_dataset(cfg, train=True)
     prepare = batch_preparer(cfg, train=True, device=device)
     per_worker = min(worker_seconds(dataset, len(dataset)) for _ in range(rounds))
 

@@ -27,18 +27,13 @@ from pathlib import Path
 
 import torch
 import torchvision
-from common import BENCH_MIXERS, SyncCounter, normalise, write_photographs
+from common import BENCH_MIXERS, SyncCounter, normalise, synchronise, write_photographs
 
 from pretrain.config import get_cfg
 from pretrain.data import build_train_loader
 from pretrain.device_pipeline import batch_preparer
 from pretrain.engine import training_step
 from pretrain.mix import build_mixer
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cuda_syncs(step) -> int:

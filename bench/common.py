@@ -41,6 +41,12 @@ def write_photographs(root: Path, images: int) -> float:
     return statistics.mean(path.stat().st_size for path in folder.iterdir()) / 1000
 
 
+def synchronise(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer reads what it did (nothing on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
     """[0, 1] pixels as the training loader hands them to a mixer (ImageNet mean/std)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

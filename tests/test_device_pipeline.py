@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from pretrain.config import get_cfg
-from pretrain.data import build_dataset, train_transform, val_transform
-from pretrain.device_pipeline import DeviceBatches, TrainDraw, collate_encoded, no_draw, read_encoded
+from pretrain.data import backend_dataset
+from pretrain.device_pipeline import DeviceBatches, collate_encoded, read_encoded
 from pretrain.engine import PretrainTrainer
 from test_pretrain import imagenet, tiny_cfg  # noqa: F401  (a fixture)
 
@@ -44,12 +44,10 @@ def config(root: Path, **overrides):
 
 def both_backends(cfg, train: bool, epochs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of the split through each backend, in pixel units (0-255), for ``epochs``."""
-    if train:
-        pil, device = (build_dataset(cfg, True, train_transform(cfg)),
-                       build_dataset(cfg, True, TrainDraw(cfg), load=read_encoded))
-    else:
-        pil, device = (build_dataset(cfg, False, val_transform(cfg)),
-                       build_dataset(cfg, False, no_draw, load=read_encoded))
+    pil, _ = backend_dataset(cfg, train)
+    on_device = cfg.clone()
+    on_device.DATA.BACKEND = "device"
+    device, _ = backend_dataset(on_device, train)
     prepare = DeviceBatches(cfg, train, torch.device("cpu"))
     keys = [(epoch, index) for epoch in range(epochs) for index in range(len(pil))]
     by_pil = torch.stack([pil[key if train else key[1]][0] for key in keys])
