@@ -84,7 +84,7 @@ def get_cfg() -> CN:
     cfg.SOLVER.GAMMA = 0.1
     cfg.SOLVER.WARMUP_EPOCHS = 0.0
     cfg.SOLVER.WARMUP_FACTOR = 0.1  # lr multiplier at the start of the warmup
-    cfg.SOLVER.AMP = True  # mixed precision on CUDA (ignored on the CPU)
+    cfg.SOLVER.AMP = True  # mixed precision on CUDA, and bfloat16 on CPUs that compute in it natively
     cfg.SOLVER.AMP_DTYPE = "bfloat16"  # bfloat16 | float16 (float16 uses a grad scaler)
 
     cfg.CHECKPOINT = CN()

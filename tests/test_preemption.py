@@ -79,10 +79,10 @@ def uninterrupted_pretraining(imagenet, tmp_path_factory) -> Path:  # noqa: F811
 
 
 def pretraining_command(root: Path, output: Path, *extra: str) -> list[str]:
-    """Two processes (gloo) with two loader workers each, 4 iterations per epoch, 6 epochs."""
+    """Two processes (gloo) with two loader workers each, 4 iterations per epoch, 4 epochs."""
     return [sys.executable, str(REPO / "tools/pretrain_net.py"), *extra, "--config-file",
             str(REPO / "configs/pretrain/r50_saliencymix.yaml"), "--num-gpus", "2", *cli_overrides(root, output),
-            "SOLVER.EPOCHS", "6", "SOLVER.STEP_EPOCHS", "(4,)", "LOG_PERIOD", "1", "DATA.NUM_WORKERS", "2",
+            "SOLVER.EPOCHS", "4", "SOLVER.STEP_EPOCHS", "(3,)", "LOG_PERIOD", "1", "DATA.NUM_WORKERS", "2",
             "CHECKPOINT.PERIOD", "0", "CHECKPOINT.EPOCH_END", "False", "TEST.EVAL_PERIOD", "2"]
 
 
@@ -90,13 +90,13 @@ def test_pretraining_saves_on_each_stop_signal_and_resumes_to_the_same_weights_a
         imagenet, uninterrupted_pretraining, tmp_path):  # noqa: F811
     """Stopped by SIGUSR2, resumed, stopped again by SIGTERM, resumed to the end."""
     saved = 0
-    for signum, after_records in zip(STOP_SIGNALS, (6, 14)):
+    for signum, after_records in zip(STOP_SIGNALS, (5, 10)):
         extra = ("--resume",) if saved else ()
         status, text, logged = signalled_run(pretraining_command(imagenet, tmp_path, *extra), tmp_path, signum,
                                              after_records)
         assert status == RESUME_EXIT_STATUS, text[-4000:]
         previous, saved = saved, ckpt.load(ckpt.Checkpointer(tmp_path, 1).last())["iteration"]
-        assert f"on {signum.name}: saved" in text and previous < saved < 24
+        assert f"on {signum.name}: saved" in text and previous < saved < 16
         assert saved <= logged + 2  # the agreement between processes lags one iteration: none is trained twice
         assert records(tmp_path)[-1]["iteration"] == saved  # the iterations since the last row are logged too
 
@@ -109,7 +109,7 @@ def test_pretraining_saves_on_each_stop_signal_and_resumes_to_the_same_weights_a
     assert_logged_once(rows)
     evaluations = [(row["iteration"], row["top1_error"]) for row in rows if "top1_error" in row]
     assert evaluations == [(row["iteration"], row["top1_error"]) for row in reference if "top1_error" in row]
-    assert sum(row.get("window_iterations", 0) for row in rows) == 24  # the cost report's count
+    assert sum(row.get("window_iterations", 0) for row in rows) == 16  # the cost report's count
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def transfer(tmp_path_factory) -> dict[str, Path]:
 def fine_tuning_command(transfer: dict, engine: str, output: Path, *extra: str) -> list[str]:
     options = list(TINY)
     options[1] = str(transfer["voc"])
-    options += ["SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(8,)", "OUTPUT_DIR", str(output),
+    options += ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "OUTPUT_DIR", str(output),
                 "MODEL.WEIGHTS", str(transfer[engine])]
     return [sys.executable, str(REPO / "tools/train_net.py"), *extra, "--engine", engine, "--config-file",
             str(REPO / "configs/detection/faster_rcnn_R50_FPN_voc.yaml"), *options]
