@@ -74,7 +74,7 @@ def build_lr_schedule(cfg, iterations_per_epoch: int) -> ParamScheduler:
 def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     """The dtype the training step autocasts to (None: float32). ``SOLVER.AMP`` on CUDA; on a CPU
     only bfloat16 and only where the CPU computes in it natively (AVX-512 BF16 or AMX), where a
-    ResNet-50 step took 0.75x the float32 one; elsewhere it would be emulated and slower."""
+    ResNet-50 step took 0.75x the float32 one; elsewhere bfloat16 would be emulated."""
     dtype = AMP_DTYPES.get(cfg.SOLVER.AMP_DTYPE)
     if dtype is None:
         raise ValueError(f"unknown SOLVER.AMP_DTYPE {cfg.SOLVER.AMP_DTYPE!r}; choose one of {tuple(AMP_DTYPES)}")

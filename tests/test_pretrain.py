@@ -93,22 +93,6 @@ def test_every_method_config_trains_and_evaluates(imagenet, tmp_path, config):
     assert (tmp_path / "tensorboard").is_dir() and (tmp_path / ckpt.BEST_NAME).is_file()
 
 
-def test_two_process_ddp_through_the_command_line(imagenet, tmp_path):
-    command = ["--config-file", REPO / "configs/pretrain/r50_cutmix.yaml", "--num-gpus", "2",
-               *cli_overrides(imagenet, tmp_path)]
-    run = run_tool("tools/pretrain_net.py", *command)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    # 33 training files over 2 processes x 4 images per batch: 4 iterations per epoch.
-    assert result["iteration"] == 8 and result["val_images"] == CLASSES * VAL_PER_CLASS
-    assert result["bad_train_images"] >= 1
-    state = ckpt.load(tmp_path / ckpt.checkpoint_name(8))
-    assert state["world_size"] == 2 and len(state["rng"]["mixers"]) == 2
-    evaluation = run_tool("tools/pretrain_net.py", "--eval-only", *command)
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    assert json.loads(evaluation.stdout.strip().splitlines()[-1])["top1_error"] == result["top1_error"]
-
-
 class Killed(Exception):
     pass
 
@@ -228,6 +212,19 @@ def test_the_classifier_learns_at_its_own_lr_factor(imagenet, tmp_path):
     assert body["lr"] > 0 and classifier["lr"] == pytest.approx(0.1 * body["lr"])
 
 
+@pytest.mark.parametrize("amp,dtype", [(True, "bfloat16"), (True, "float16"), (False, "bfloat16")])
+def test_training_autocasts_to_bfloat16_only_where_the_cpu_computes_in_it(imagenet, tmp_path, amp, dtype):
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = torch.bfloat16 if amp and dtype == "bfloat16" and native else torch.float32
+    trainer = PretrainTrainer(tiny_cfg(imagenet, tmp_path, **{"SOLVER.AMP": amp, "SOLVER.AMP_DTYPE": dtype,
+                                                                "SOLVER.MAX_ITER": 1}))
+    computed = []
+    trainer.model.conv1.register_forward_hook(lambda module, inputs, output: computed.append(output.dtype))
+    trainer.train()
+    assert computed[0] == expected  # the training step's first convolution
+    assert {parameter.dtype for parameter in trainer.model.parameters()} == {torch.float32}
+
+
 def test_bad_configuration_values_are_named(imagenet, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="SOLVER.LEARNING_RATE"):  # fvcore's unknown-key error
         tiny_cfg(imagenet, tmp_path, **{"SOLVER.LEARNING_RATE": 0.1})
@@ -293,22 +290,31 @@ def test_checkpoints_are_written_atomically(tmp_path):
         ckpt.load(tmp_path / "garbage.pth")
 
 
-def test_distinct_unreadable_files_are_listed_across_processes_epochs_and_resumes(imagenet, tmp_path):
+def test_two_process_ddp_lists_distinct_unreadable_files_across_processes_epochs_and_resumes(imagenet, tmp_path):
+    """Through the command line, 2 processes (gloo): the unreadable files both ranks met, once
+    each; evaluation alone gives the error training ended with; a resumed run goes on counting."""
     root = tmp_path / "imagenet"
     shutil.copytree(imagenet, root)
     (root / "train" / "n00000002" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    command = ["--config-file", REPO / "configs/pretrain/r50_none.yaml", "--num-gpus", "2",
+    command = ["--config-file", REPO / "configs/pretrain/r50_cutmix.yaml", "--num-gpus", "2",
                *cli_overrides(root, tmp_path / "run"), "SOLVER.EPOCHS", "3", "SOLVER.STEP_EPOCHS", "(2,)"]
     run = run_tool("tools/pretrain_net.py", *command)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
+    # 34 training files over 2 processes x 4 images per batch: 4 iterations per epoch.
+    assert result["iteration"] == 12 and result["val_images"] == CLASSES * VAL_PER_CLASS
     assert result["bad_train_images"] == 2 and result["train_image_replacements"] == 6  # 2 files x 3 epochs
     listed = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
     assert sorted(Path(path).name for path in listed) == ["broken.jpg", "truncated.jpg"]
+    state = ckpt.load(tmp_path / "run" / ckpt.checkpoint_name(8))
+    assert state["world_size"] == 2 and len(state["rng"]["mixers"]) == 2
     final = ckpt.load(tmp_path / "run" / ckpt.FINAL_NAME)
     assert len(final["rng"]["torch"]) == 2 and not torch.equal(*final["rng"]["torch"])  # one state per rank
+    evaluation = run_tool("tools/pretrain_net.py", "--eval-only", *command)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert json.loads(evaluation.stdout.strip().splitlines()[-1])["top1_error"] == result["top1_error"]
 
-    # Resumed from the end of epoch 1: the list keeps both files, the counts go on from there.
+    # Resumed from the end of epoch 2: the list keeps both files, the counts go on from there.
     (tmp_path / "run" / ckpt.LAST_POINTER).write_text(ckpt.checkpoint_name(8))
     (tmp_path / "run" / "bad_images.txt").unlink()
     resumed = run_tool("tools/pretrain_net.py", "--resume", *command)
