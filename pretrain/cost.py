@@ -69,6 +69,13 @@ def read_run(run: Path) -> RunCost:
                    waited / seconds if seconds else 0.0)
 
 
+def data_wait_text(row: dict, explain: bool = False) -> str:
+    """A cost row's share of the step spent waiting for data, marked where it passed
+    ``INPUT_BOUND`` (``explain``: with why that matters, for the study report)."""
+    mark = " (input-bound: the loader's time, not the method's)" if explain else " (input-bound)"
+    return f"{row['data_wait']:.1%}" + (mark if row["input_bound"] else "")
+
+
 def cost_table(runs: list[RunCost]) -> list[dict]:
     """One row per method (runs of a method averaged): seconds per epoch and the ratio to the
     no-mixing baseline, beside the paper's ratio, and the share of it spent waiting for data."""

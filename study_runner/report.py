@@ -24,7 +24,7 @@ from fvcore.common.config import CfgNode
 from detection.report import compare_runs, format_gain, format_mean_std, load_runs
 from pretrain import convergence
 from pretrain.atomic_file import atomic_write, atomic_write_json
-from pretrain.cost import cost_table, read_run
+from pretrain.cost import cost_table, data_wait_text, read_run
 from pretrain.run_folder import read_metrics
 from study_runner import records
 from study_runner.config import weights_file
@@ -205,12 +205,9 @@ def cost_table_rows(cfg: CfgNode, paper: PaperTable | None) -> dict:
     for method in cfg.STUDY.METHODS:
         cost = measured.get(method, {})
         hours = paper and published(paper.cost_hours, method)
-        wait = cost.get("data_wait")
         rows.append(row(method, cost.get("relative"), hours / baseline_hours if hours and baseline_hours else None,
                         seconds_per_epoch=NOT_TRAINED if weights_file(cfg, method) else cost.get("seconds_per_epoch"),
-                        data_wait=None if wait is None else
-                        f"{wait:.1%}" + (" (input-bound: the loader's time, not the method's)" if cost["input_bound"]
-                                         else "")))
+                        data_wait=None if cost.get("data_wait") is None else data_wait_text(cost, explain=True)))
     return {"name": "cost", "title": f"Training time per epoch relative to {cfg.STUDY.BASELINE!r}",
             "value": "relative time", "columns": {"seconds_per_epoch": "s / epoch", "data_wait": "waiting for data"},
             "rows": rows}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pretrain.atomic_file import atomic_write_json
 from pretrain.cli import UsageError, reports_usage_errors
-from pretrain.cost import cost_table, read_run
+from pretrain.cost import cost_table, data_wait_text, read_run
 
 
 def format_table(rows: list[dict]) -> str:
@@ -24,7 +24,7 @@ def format_table(rows: list[dict]) -> str:
              f"{'relative':>10}{'paper':>8}{'data wait':>11}"]
     for row in rows:
         paper = f"{row['paper_relative']:.3f}" if row["paper_relative"] else "-"
-        wait = f"{row['data_wait']:.1%}" + (" (input-bound)" if row["input_bound"] else "")
+        wait = data_wait_text(row)
         lines.append(f"{row['method']:<26}{row['runs']:>5}{row['epochs_timed']:>14.2f}"
                      f"{row['seconds_per_epoch']:>12.1f}{row['seconds_per_epoch'] / 3600:>11.4f}"
                      f"{row['relative']:>10.3f}{paper:>8}{wait:>11}")
