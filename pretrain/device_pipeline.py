@@ -202,10 +202,8 @@ def colour_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     order = params[:, ORDER].to(images.device)
     factors = params[:, [BRIGHTNESS, CONTRAST, SATURATION]].to(images.device)
     for position in range(order.shape[1]):
-        for step in range(3):
+        for step in range(3):  # no test of whether any image takes this step: on a GPU it would wait
             chosen = order[:, position] == step
-            if not bool(chosen.any()):
-                continue
             ratio = torch.where(chosen, factors[:, step], torch.ones_like(factors[:, step])).view(-1, 1, 1, 1)
             if step == 0:
                 images = _blend(images, torch.zeros_like(images), ratio)
