@@ -32,7 +32,7 @@ from common import BENCH_MIXERS, SyncCounter, normalise, synchronise, write_phot
 from pretrain.config import get_cfg
 from pretrain.data import build_train_loader
 from pretrain.device_pipeline import batch_preparer
-from pretrain.engine import training_step
+from pretrain.engine import autocast_dtype, training_step
 from pretrain.mix import build_mixer
 
 
@@ -98,14 +98,17 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, help="timed steps per round (default 20 on a GPU, 2 on a CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all mixers, interleaved (median)")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast where SOLVER.AMP uses it (CUDA, CPUs with native bfloat16)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers for the loader-fed steps")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     batch = args.batch_size or (128 if on_gpu else 16)
     steps = args.steps or (20 if on_gpu else 2)
-    amp_dtype = torch.bfloat16 if args.amp and on_gpu else None
+    amp_cfg = get_cfg()
+    amp_cfg.SOLVER.AMP = args.amp
+    amp_dtype = autocast_dtype(amp_cfg, device)
 
     model = getattr(torchvision.models, args.arch)(weights=None).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
